@@ -1,0 +1,42 @@
+import hashlib
+from pathlib import Path
+
+import yaml
+
+RESULTS = config["results"]
+RESTRICTED = config["restricted"]
+MODELS = list(config["models"])
+LOGS = "logs"
+BENCH = "benchmarks/rules"
+
+# The verbs read the merged, validated config from one file. It is rewritten
+# only when its content changes, so it never triggers reruns by itself.
+EFFECTIVE_CONFIG = f"{RESULTS}/effective_config.yaml"
+_effective = yaml.safe_dump(config, sort_keys=True)
+_effective_path = Path(EFFECTIVE_CONFIG)
+if not _effective_path.exists() or _effective_path.read_text() != _effective:
+    _effective_path.parent.mkdir(parents=True, exist_ok=True)
+    _effective_path.write_text(_effective)
+
+# Rules that read PHI run on the submitting host, never on compute nodes.
+localrules:
+    synthesize,
+    inventory,
+    convert,
+    deidentify,
+
+
+def raw_export():
+    return config["raw"]
+
+
+def subjects(wildcards):
+    """Pseudonyms of the de-identified patients (known once deidentify ran)."""
+    participants = checkpoints.deidentify.get().output.participants
+    with open(participants) as fh:
+        next(fh)
+        return sorted(line.split(",")[0] for line in fh if line.strip())
+
+
+def slice_cocos(wildcards):
+    return [f"{RESULTS}/slices/sub-{p}/coco.json" for p in subjects(wildcards)]

@@ -1,0 +1,62 @@
+# Inventory, conversion and de-identification read PHI: they are localrules
+# (common.smk) and write identity only under restricted/.
+
+
+rule inventory:
+    input:
+        raw=config["raw"],
+        cohort=config["cohort"],
+    output:
+        files=f"{RESTRICTED}/inventory/files.csv",
+        series=f"{RESTRICTED}/inventory/series.csv",
+        selection=f"{RESTRICTED}/inventory/selection.csv",
+        summary=f"{RESULTS}/inventory/summary.json",
+    log:
+        f"{LOGS}/inventory.log",
+    benchmark:
+        f"{BENCH}/inventory.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "spinedet inventory --config {EFFECTIVE_CONFIG} --raw {input.raw}"
+        " --cohort {input.cohort} --out {RESTRICTED}/inventory"
+        " --summary {output.summary} > {log} 2>&1"
+
+
+rule convert:
+    input:
+        series=rules.inventory.output.series,
+        selection=rules.inventory.output.selection,
+    output:
+        conversions=f"{RESTRICTED}/convert/conversions.csv",
+    log:
+        f"{LOGS}/convert.log",
+    benchmark:
+        f"{BENCH}/convert.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "spinedet convert --config {EFFECTIVE_CONFIG} --series {input.series}"
+        " --selection {input.selection} --out {RESTRICTED}/convert > {log} 2>&1"
+
+
+checkpoint deidentify:
+    input:
+        conversions=rules.convert.output.conversions,
+        files=rules.inventory.output.files,
+        selection=rules.inventory.output.selection,
+        annotations=config["annotations"],
+    output:
+        participants=f"{RESULTS}/deid/participants.csv",
+        issues=f"{RESULTS}/deid/annotation_issues.csv",
+    log:
+        f"{LOGS}/deidentify.log",
+    benchmark:
+        f"{BENCH}/deidentify.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "spinedet deidentify --config {EFFECTIVE_CONFIG}"
+        " --conversions {input.conversions} --files {input.files}"
+        " --selection {input.selection} --annotations {input.annotations}"
+        " --restricted {RESTRICTED} --out {RESULTS}/deid > {log} 2>&1"

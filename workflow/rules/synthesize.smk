@@ -1,0 +1,23 @@
+if config["demo"]["enabled"]:
+
+    rule synthesize:
+        output:
+            dicom=directory(config["raw"]),
+            annotations=config["annotations"],
+            cohort=config["cohort"],
+            preview=f"{config['demo']['out']}/preview.png",
+        params:
+            out=config["demo"]["out"],
+            patients=config["demo"]["patients"],
+            matrix=config["demo"]["matrix"],
+            seed=config["demo"]["seed"],
+        log:
+            f"{LOGS}/synthesize.log",
+        benchmark:
+            f"{BENCH}/synthesize.tsv"
+        conda:
+            "../../envs/preprocess.yaml"
+        shell:
+            "spinedet synthesize --out {params.out} --patients {params.patients}"
+            " --matrix {params.matrix} --seed {params.seed} --preview {output.preview}"
+            " --config {EFFECTIVE_CONFIG} > {log} 2>&1"

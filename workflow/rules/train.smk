@@ -1,0 +1,31 @@
+# Training state (checkpoint.pt, the rolling log) lives in state/, which is no
+# declared output: snakemake must not delete it when a preempted job reruns.
+
+
+rule train:
+    input:
+        train=rules.split.output.train,
+        val=rules.split.output.val,
+    output:
+        best=f"{RESULTS}/models/{{model}}/best.pt",
+        log_csv=report(
+            f"{RESULTS}/models/{{model}}/train_log.csv",
+            caption="../report/train_log.rst",
+            category="Training",
+        ),
+        anchors=f"{RESULTS}/models/{{model}}/anchors.json",
+    log:
+        f"{LOGS}/train/{{model}}.log",
+    benchmark:
+        f"{BENCH}/train/{{model}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: config["resources"]["train"]["threads"]
+    resources:
+        gpu=config["resources"]["train"]["gpu"],
+        mem_mb=config["resources"]["train"]["mem_mb"],
+        runtime=config["resources"]["train"]["runtime"],
+    shell:
+        "spinedet train --config {EFFECTIVE_CONFIG} --model {wildcards.model}"
+        " --train {input.train} --val {input.val} --images {RESULTS}/slices"
+        " --out {RESULTS}/models/{wildcards.model} --threads {threads} > {log} 2>&1"

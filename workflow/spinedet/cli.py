@@ -1,0 +1,67 @@
+"""The `spinedet` command: one subcommand per pipeline stage.
+
+Each stage module exposes `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported only when their verb runs, so `spinedet --help` and the
+light stages never pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from spinedet import SpinedetError
+
+STAGES = {
+    "synthesize": "Write the synthetic cervical-spine DICOM export (demo data).",
+    "inventory": "Account for every file of a raw export and pick one target series per patient.",
+    "convert": "Convert the selected series to NIfTI with dcm2niix (stays in restricted/).",
+    "deidentify": "Pseudonymise patients, scrub sidecars, map annotations to voxel space.",
+    "slices": "Write canonical PNG slices and one COCO JSON per patient.",
+    "split": "Patient-level stratified train/val/test split as COCO datasets.",
+    "train": "Train one detector (resumable).",
+    "evaluate": "COCO metrics, FROC, bootstrap CIs and timing on the test split.",
+    "report": "The model-comparison report (HTML, Markdown, CSV, figures).",
+    "predict": "Detect lesions in a new DICOM series or NIfTI volume.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinedet", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help_text in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        stage_parser.set_defaults(_module=f"spinedet.{name}")
+        # Arguments are added lazily (see main) so --help stays fast.
+        stage_parser.set_defaults(_lazy=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Find the stage name first, then let that stage's module add its arguments.
+    stage = next((a for a in argv if a in STAGES), None)
+    if stage is not None:
+        module = importlib.import_module(f"spinedet.{stage}")
+        stage_parser = parser._subparsers._group_actions[0].choices[stage]  # noqa: SLF001
+        module.add_arguments(stage_parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except SpinedetError as exc:
+        logging.getLogger("spinedet").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

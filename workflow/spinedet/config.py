@@ -1,0 +1,46 @@
+"""Loading the study configuration: YAML files merged in order, then checked
+against workflow/schemas/config.schema.yaml, which also fills defaults."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from spinedet import SpinedetError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Merge `override` into a copy of `base`, recursing into dicts (as snakemake does)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load(paths: list[str | Path] | str | Path) -> dict:
+    """Read and merge config files, validate them and fill schema defaults."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    config: dict = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise SpinedetError(f"config file not found: {path}")
+        with path.open() as fh:
+            config = deep_merge(config, yaml.safe_load(fh) or {})
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    """Validate in place against the schema (filling defaults); raise one clear error naming the key."""
+    from spinedet.config_check import check_config
+
+    check_config(config, SCHEMA_PATH)
