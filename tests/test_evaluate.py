@@ -1,0 +1,214 @@
+"""`spinedet evaluate` on a tiny detector: detections, metrics and timing files,
+COCO conversion and the timing loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from spinedet import SpinedetError, cli, evaluate, models, timing
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["disc_herniation", "cord_injury"]
+SIZE = 64
+
+
+def tiny_detector(model_cfg: dict, num_classes: int, image_size: int, load_weights: bool = True) -> FasterRCNN:
+    """A Faster R-CNN small enough for a unit test (one 8-channel conv as backbone)."""
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+    backbone.out_channels = 8
+    model = FasterRCNN(
+        backbone,
+        rpn_anchor_generator=AnchorGenerator(sizes=((8, 16),), aspect_ratios=((1.0,),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(8 * 7 * 7, 32),
+        box_predictor=FastRCNNPredictor(32, num_classes),
+        min_size=image_size,
+        max_size=image_size,
+    )
+    return models.use_grayscale_transform(model)
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    monkeypatch.setitem(models.ARCHITECTURES, "tiny_test", tiny_detector)
+
+
+@pytest.fixture
+def test_split(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """Six 64x64 slices of three patients (one slice without lesions) and their COCO."""
+    slices = tmp_path / "slices"
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id in range(1, 7):
+        patient = f"p{(image_id - 1) // 2}"
+        name = f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png"
+        pixels = rng.integers(0, 60, (SIZE, SIZE), dtype=np.uint8)
+        if image_id != 6:
+            pixels[20:30, 24:40] = 220
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
+                                "bbox": [24, 20, 16, 10], "area": 160, "iscrowd": 0})
+        (slices / f"sub-{patient}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(slices / name)
+        images.append({"id": image_id, "file_name": name, "width": SIZE, "height": SIZE,
+                       "patient": patient, "group": "disc", "slice_index": image_id})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps(coco))
+    return test_json, slices, coco
+
+
+def save_best(path: Path, classes=CLASSES) -> Path:
+    torch.manual_seed(0)
+    model = tiny_detector({}, len(classes) + 1, SIZE)
+    torch.save({"model": model.state_dict(), "model_config": {"arch": "tiny_test"}, "classes": classes,
+                "image_size": SIZE, "epoch": 3, "val_ap50": 0.25, "model_name": "tiny"}, path)
+    return path
+
+
+def study_config() -> dict:
+    return {
+        "seed": 11,
+        "classes": CLASSES,
+        "models": {"tiny": {"arch": "tiny_test"}},
+        "train": {"device": "cpu"},
+        "evaluate": {"score_threshold": 0.05, "froc_iou": 0.5, "froc_fps": [0.125, 0.25, 0.5, 1, 2, 4, 8],
+                     "bootstrap": 20, "timing": {"warmup": 1, "iterations": 3, "batch_size": 2}},
+    }
+
+
+def test_evaluate_writes_detections_metrics_and_timing(tmp_path, tiny_arch, test_split):
+    test_json, slices, coco = test_split
+    weights = save_best(tmp_path / "best.pt")
+    out = tmp_path / "eval" / "tiny"
+    evaluate.evaluate(study_config(), "tiny", weights, test_json, slices, out, threads=1)
+
+    detections = json.loads((out / "detections.json").read_text())
+    assert detections, "an untrained detector still proposes boxes above 0.05"
+    assert {d["image_id"] for d in detections} <= {1, 2, 3, 4, 5, 6}
+    assert all(d["score"] >= 0.05 and d["category_id"] in (1, 2) for d in detections)
+    assert all(d["bbox"][2] >= 0 and d["bbox"][3] >= 0 for d in detections)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "tiny" and metrics["arch"] == "tiny_test"
+    assert metrics["n_images"] == 6 and metrics["n_patients"] == 3
+    assert metrics["n_gt"] == {"disc_herniation": 2, "cord_injury": 3}
+    assert metrics["weights"]["epoch"] == 3 and metrics["weights"]["val_ap50"] == 0.25
+    assert metrics["weights"]["parameters"]["total"] == sum(p.numel() for p in tiny_detector({}, 3, SIZE).parameters())
+    for key in ("ap", "ap50", "ap75", "ar100", "ap_iou10", "cpm"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert set(metrics["ap50_per_class"]) == set(CLASSES)
+    assert metrics["bootstrap"]["draws"] == 20 and metrics["bootstrap"]["seed"] == 11
+    assert len(metrics["froc"]["overall"]["sensitivity"]) == 7
+    # The metrics are those of the written detections.
+    again = evaluate.metrics_lib.coco_summary(coco, detections, CLASSES)
+    assert again["ap50"] == metrics["ap50"] and again["ap"] == metrics["ap"]
+
+    timing_result = json.loads((out / "timing.json").read_text())
+    for kind in ("model", "end_to_end"):
+        stats = timing_result["latency_s"][kind]
+        assert stats["n"] == 3 and 0 < stats["min"] <= stats["median"] <= stats["p95"] <= stats["max"]
+    assert [t["batch_size"] for t in timing_result["throughput"]] == [1, 2]
+    assert all(t["images_per_s"] > 0 for t in timing_result["throughput"])
+    assert timing_result["hardware"]["device"] == "cpu" and timing_result["hardware"]["torch_threads"] == 1
+    assert timing_result["software"]["torch"] == torch.__version__
+
+
+def test_cli_evaluate_reads_the_study_config(tmp_path, tiny_arch, test_split):
+    """Through `spinedet evaluate` with the repository's config.yaml and an override."""
+    test_json, slices, _ = test_split
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"train": {"device": "cpu"}, "evaluate": {
+        "bootstrap": 10, "timing": {"warmup": 0, "iterations": 2, "batch_size": 3}}}))
+    out = tmp_path / "eval" / "vgg16"
+    code = cli.main(["evaluate", "--config", str(REPO / "config.yaml"), str(override), "--model", "vgg16",
+                     "--weights", str(save_best(tmp_path / "best.pt")), "--test", str(test_json),
+                     "--images", str(slices), "--out", str(out), "--threads", "1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "vgg16" and metrics["bootstrap"]["seed"] == 20200901
+    assert metrics["froc"]["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
+    timing_result = json.loads((out / "timing.json").read_text())
+    assert timing_result["warmup"] == 0 and timing_result["throughput"][1]["batch_size"] == 3
+    assert json.loads((out / "detections.json").read_text()) is not None
+
+
+def test_cli_evaluate_missing_weights_is_a_clear_error(tmp_path, test_split, caplog):
+    test_json, slices, _ = test_split
+    code = cli.main(["evaluate", "--config", str(REPO / "config.yaml"), "--model", "vgg16",
+                     "--weights", str(tmp_path / "nope.pt"), "--test", str(test_json),
+                     "--images", str(slices), "--out", str(tmp_path / "out"), "--threads", "1"])
+    assert code == 2
+    assert "nope.pt" in caplog.text
+
+
+def test_evaluate_refuses_weights_of_other_classes(tmp_path, tiny_arch, test_split):
+    test_json, slices, _ = test_split
+    weights = save_best(tmp_path / "best.pt", classes=["disc_herniation", "fracture"])
+    with pytest.raises(SpinedetError, match="trained on classes"):
+        evaluate.evaluate(study_config(), "tiny", weights, test_json, slices, tmp_path / "out", threads=1)
+
+
+def test_evaluate_refuses_unknown_model(tmp_path, test_split):
+    test_json, slices, _ = test_split
+    with pytest.raises(SpinedetError, match="--model vgg99"):
+        evaluate.evaluate(study_config(), "vgg99", tmp_path / "best.pt", test_json, slices, tmp_path / "o", 1)
+
+
+def test_to_coco_results_converts_xyxy_and_applies_threshold():
+    output = {
+        "boxes": torch.tensor([[10.0, 20.0, 30.0, 25.0], [0.0, 0.0, 5.0, 5.0]]),
+        "labels": torch.tensor([2, 1]),
+        "scores": torch.tensor([0.9, 0.04]),
+    }
+    assert evaluate.to_coco_results(output, 7, 0.05) == [
+        {"image_id": 7, "category_id": 2, "bbox": [10.0, 20.0, 20.0, 5.0], "score": pytest.approx(0.9)}]
+
+
+def test_score_threshold_reaches_the_model():
+    model = tiny_detector({}, 3, SIZE)
+    evaluate.set_score_threshold(model, 0.01)
+    assert model.roi_heads.score_thresh == 0.01
+
+
+def test_resolve_device_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate.resolve_device("auto").type == "cpu"
+    with pytest.raises(SpinedetError, match="cuda"):
+        evaluate.resolve_device("cuda")
+
+
+def test_timed_calls_exclude_warmup():
+    calls = []
+    seconds = timing.timed_calls(calls.append, warmup=2, iterations=3, device=torch.device("cpu"))
+    assert calls == [0, 1, 2, 3, 4]
+    assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+
+
+def test_latency_stats():
+    stats = timing.latency_stats([0.1, 0.2, 0.3, 0.4, 1.0])
+    assert stats["mean"] == pytest.approx(0.4)
+    assert stats["median"] == pytest.approx(0.3)
+    assert stats["p95"] == pytest.approx(0.88)
+    assert stats["n"] == 5
+
+
+def test_cpu_model_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6248\n")
+    assert timing.cpu_model(cpuinfo) == "Intel(R) Xeon(R) Gold 6248"
+    assert timing.cpu_model(tmp_path / "missing")  # falls back to platform, never empty

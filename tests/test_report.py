@@ -1,0 +1,364 @@
+"""`spinedet report` on fixture inputs for two models: content, self-containment,
+determinism, and the page as a headless browser sees it."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from spinedet import SpinedetError, cli, metrics, report
+from spinedet.config import load
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["disc_herniation", "cord_injury"]
+MODELS = ["resnet50", "vgg16"]
+EVALUATE = {"score_threshold": 0.05, "froc_iou": 0.5, "froc_fps": [0.125, 0.25, 0.5, 1, 2, 4, 8], "bootstrap": 40}
+SIZE = 96
+
+
+def fixture_test_split(rng: np.random.Generator) -> dict:
+    """Eight slices of four patients, lesions of both classes, two slices without any."""
+    images, annotations = [], []
+    for image_id in range(1, 9):
+        patient = f"P{(image_id - 1) // 2:03d}"
+        images.append({"id": image_id, "file_name": f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png",
+                       "width": SIZE, "height": SIZE, "patient": patient,
+                       "group": ["disc", "injured", "normal", "disc"][(image_id - 1) // 2],
+                       "slice_index": image_id})
+        if image_id in (5, 6):
+            continue
+        x, y = rng.uniform(10, 60, 2)
+        annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
+                            "bbox": [round(x, 1), round(y, 1), 18.0, 12.0], "area": 216.0, "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+
+
+def fixture_detections(test: dict, rng: np.random.Generator, jitter: float) -> list[dict]:
+    detections = []
+    for ann in test["annotations"]:
+        x, y, w, h = ann["bbox"]
+        dx, dy = rng.normal(0, jitter, 2)
+        detections.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                           "bbox": [x + dx, y + dy, w, h], "score": round(float(rng.uniform(0.5, 0.99)), 4)})
+    for image in test["images"]:
+        detections.append({"image_id": image["id"], "category_id": int(rng.integers(1, 3)),
+                           "bbox": [float(rng.uniform(0, 70)), float(rng.uniform(0, 70)), 15.0, 15.0],
+                           "score": round(float(rng.uniform(0.05, 0.8)), 4)})
+    return detections
+
+
+def fixture_timing(model: str, median: float) -> dict:
+    stats = {"mean": median * 1.1, "median": median, "p95": median * 1.5, "min": median * 0.9,
+             "max": median * 2, "n": 20}
+    return {
+        "model": model, "device": "cpu", "warmup": 3, "iterations": 20,
+        "latency_s": {"model": stats, "end_to_end": {k: (v * 1.2 if k != "n" else v) for k, v in stats.items()}},
+        "throughput": [{"batch_size": 1, "images_per_s": 1 / median},
+                       {"batch_size": 4, "images_per_s": 1.3 / median, "seconds_per_image": median / 1.3}],
+        "hardware": {"cpu": "Test CPU 3000", "logical_cpus": 2, "torch_threads": 2, "device": "cpu", "gpu": None,
+                     "gpu_memory_gib": None},
+        "software": {"python": "3.11", "platform": "Linux", "torch": "2.x", "torchvision": "0.x", "cuda": None,
+                     "cudnn": None, "numpy": "2.x"},
+    }
+
+
+def write_results(results: Path, seed: int = 0, timing_scale: float = 1.0) -> None:
+    """Everything `spinedet report` reads, for resnet50 and vgg16."""
+    rng = np.random.default_rng(seed)
+    test = fixture_test_split(rng)
+    (results / "split").mkdir(parents=True)
+    (results / "split" / "test.json").write_text(json.dumps(test))
+    (results / "split" / "group_counts.csv").write_text(
+        "group,train,val,test\ndisc,14,2,4\ninjured,4,1,1\nnormal,10,1,3\n")
+    for image in test["images"]:
+        path = results / "slices" / image["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (rng.random((SIZE, SIZE)) * 90).astype(np.uint8)
+        pixels[:, 40:56] = 170  # a bright "cord" so the examples look like something
+        Image.fromarray(pixels).save(path)
+    for n, model in enumerate(MODELS):
+        detections = fixture_detections(test, rng, jitter=1.0 + 2.5 * n)
+        body = metrics.evaluate_detections(test, detections, CLASSES, EVALUATE, seed=11)
+        out = results / "eval" / model
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(
+            {"model": model, "arch": f"fasterrcnn_{model}", "score_threshold": 0.05,
+             "weights": {"epoch": 5, "val_ap50": 0.5, "parameters": {"total": 41_000_000 - n * 9_000_000,
+                                                                     "trainable": 1}}, **body}))
+        (out / "detections.json").write_text(json.dumps(detections))
+        (out / "timing.json").write_text(json.dumps(fixture_timing(model, timing_scale * (0.05 + 0.03 * n))))
+        log = results / "models" / model
+        log.mkdir(parents=True)
+        lines = ["epoch,iters,loss,loss_classifier,loss_box_reg,loss_objectness,loss_rpn_box_reg,lr,val_ap50,seconds"]
+        lines += [f"{e},10,{(2.0 + n) / e:.3f},0.1,0.1,0.1,0.1,0.01,{(0.15 - 0.05 * n) * e:.2f},12.5"
+                  for e in range(1, 6)]
+        (log / "train_log.csv").write_text("\n".join(lines) + "\n")
+    (results / "inventory").mkdir()
+    (results / "inventory" / "summary.json").write_text(json.dumps({
+        "files_in": 130, "ok": 120, "ok_by_kind": {"image": 120}, "quarantined": 10,
+        "quarantined_by_reason": {"duplicate": 4, "not_dicom": 6}, "series": 40,
+        "series_by_orientation": {"axial": 10, "sagittal": 30}, "cohort_patients": 40, "patients_selected": 39,
+        "patients_without_target": 1, "patients_without_files": 0, "patients_not_in_cohort": 0}))
+    (results / "deid").mkdir()
+    (results / "deid" / "annotation_issues.csv").write_text(
+        "pseudonym,row,label,reason\nabc,3,disc_herniation,box_outside_image\nabd,9,cord_injury,unknown_instance\n"
+        "abe,12,cord_injury,box_outside_image\n")
+
+
+def config_file(tmp_path: Path, demo: bool = True) -> Path:
+    """The repository's config.yaml with demo on or off."""
+    override = tmp_path / f"override-{demo}.yaml"
+    values = {"demo": {"enabled": demo}, "evaluate": EVALUATE}
+    if not demo:  # a real export must exist
+        export = tmp_path / "export"
+        (export / "DICOM").mkdir(parents=True, exist_ok=True)
+        (export / "annotations.csv").write_text("study_uid\n")
+        (export / "cohort.csv").write_text("patient_id,group\n")
+        values |= {"raw": str(export / "DICOM"), "annotations": str(export / "annotations.csv"),
+                   "cohort": str(export / "cohort.csv")}
+    override.write_text(yaml.safe_dump(values))
+    return override
+
+
+def make_report(tmp_path: Path, results: Path, out: Path, demo: bool = True) -> int:
+    return cli.main(["report", "--config", str(REPO / "config.yaml"), str(config_file(tmp_path, demo)),
+                     "--models", *MODELS, "--results", str(results), "--images", str(results / "slices"),
+                     "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("report")
+    results = tmp_path / "results"
+    write_results(results)
+    assert make_report(tmp_path, results, results / "report") == 0
+    return results / "report"
+
+
+class Elements(HTMLParser):
+    """Every start tag with its attributes, and the text of table rows by id of their table."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.table_rows: dict[str, list[list[str]]] = {}
+        self._table, self._row = None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag == "table":
+            self._table = attrs.get("id")
+            self.table_rows[self._table] = []
+        elif tag == "tr" and self._table:
+            self._row = []
+            self.table_rows[self._table].append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._row.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        if tag == "tr":
+            self._row = None
+
+    def handle_data(self, data):
+        if self._row:
+            self._row[-1] += data
+
+
+def parse(html: str) -> Elements:
+    parser = Elements()
+    parser.feed(html)
+    for rows in parser.table_rows.values():
+        rows[:] = [[" ".join(cell.split()) for cell in row] for row in rows]
+    return parser
+
+
+def test_report_has_both_models_paper_rows_and_banner(rendered):
+    html = (rendered / "report.html").read_text()
+    page = parse(html)
+    rows = page.table_rows["comparison"]
+    models_in_table = [r[0].strip() for r in rows if r and r[0].strip() in MODELS]
+    assert models_in_table == MODELS
+    summary = list(csv.DictReader((rendered / "summary.csv").open()))
+    resnet = next(r for r in rows if r[0].strip() == "resnet50")
+    pct = {k: f"{100 * float(v):.1f}" for k, v in summary[0].items() if k.startswith("ap50")}
+    assert resnet[2] == f"{pct['ap50']} ({pct['ap50_ci_low']}–{pct['ap50_ci_high']})"
+    assert resnet[3] == f"{pct['ap50_disc_herniation']} ({pct['ap50_disc_herniation_ci_low']}–" \
+                        f"{pct['ap50_disc_herniation_ci_high']})"
+    assert "41.0 M" in resnet
+    paper = [r for r in rows if "Ma et al. 2020" in r[0]]
+    assert [r[0] for r in paper] == ["ResNet-50 (Ma et al. 2020)", "VGG-16 (Ma et al. 2020)"]
+    assert "88.6" in paper[0][2] and "0.22" in paper[0] and "72.3" in paper[1][2] and "0.24" in paper[1]
+    assert "private data" in html and "not comparable" in html.lower()
+    assert 'id="synthetic-banner"' in html and "Synthetic demo data" in html
+    cohort = page.table_rows["cohort"]
+    assert ["disc", "14", "2", "4", "20"] == [c.strip() for c in cohort[1]]
+    assert [c.strip() for c in cohort[-1]] == ["Total", "28", "4", "8", "40"]
+    inventory = {r[0].strip(): r[1].strip() for r in page.table_rows["inventory"][1:]}
+    assert inventory["Files quarantined"] == "10" and inventory["Patients without a target series"] == "1"
+    assert inventory["duplicate SOPInstanceUID"] == "4"
+    issues = {r[0].strip(): r[1].strip() for r in page.table_rows["annotation-issues"][1:]}
+    assert issues == {"box outside image": "2", "unknown instance": "1"}
+    manifest = re.search(r"config sha256</dt><dd>([0-9a-f]{64})</dd>", html)
+    assert manifest and "seed</dt><dd>20200901" in html
+    assert "Test CPU 3000" in html
+
+
+def test_report_is_self_contained(rendered):
+    html = (rendered / "report.html").read_text()
+    page = parse(html)
+    images = [attrs for tag, attrs in page.tags if tag == "img"]
+    assert len(images) == 4 == len(list((rendered / "figures").glob("*.png")))
+    for attrs in images:
+        assert attrs["src"].startswith("data:image/png;base64,")
+    for tag, attrs in page.tags:
+        assert "href" not in attrs, f"<{tag}> links out"
+        assert tag not in ("script", "link", "iframe")
+    outside_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)
+    assert "http" not in outside_images.lower(), "no links, not even in text"
+    assert "@import" not in outside_images and "url(" not in outside_images
+
+
+def test_figures_are_embedded_byte_for_byte_without_software_chunk(rendered):
+    html = (rendered / "report.html").read_text()
+    for figure in sorted((rendered / "figures").glob("*.png")):
+        encoded = base64.b64encode(figure.read_bytes()).decode()
+        assert encoded in html
+        with Image.open(figure) as image:
+            assert "Software" not in image.info
+            assert image.size[0] > 400
+
+
+def test_markdown_references_figures_and_lists_models(rendered):
+    md = (rendered / "report.md").read_text()
+    for figure in sorted((rendered / "figures").glob("*.png")):
+        assert f"](figures/{figure.name})" in md
+    for model in MODELS:
+        assert f"| {model} |" in md
+    assert "Ma et al. 2020" in md and "Synthetic demo data" in md
+    assert "data:image" not in md
+
+
+def test_summary_csv_one_row_per_model(rendered):
+    rows = list(csv.DictReader((rendered / "summary.csv").open()))
+    assert [r["model"] for r in rows] == MODELS
+    columns = list(rows[0])
+    timing = [c for c in columns if c.startswith("timing_")]
+    assert timing and columns[-len(timing):] == timing, "timing columns come last"
+    for name in CLASSES:
+        assert f"ap50_{name}" in columns and f"ap50_{name}_ci_low" in columns
+    assert all(0 <= float(r["ap50"]) <= 1 for r in rows)
+    assert float(rows[0]["ap50_ci_low"]) <= float(rows[0]["ap50"]) <= float(rows[0]["ap50_ci_high"])
+
+
+def non_timing_columns(path: Path) -> list[list[str]]:
+    rows = list(csv.reader(path.open()))
+    keep = [i for i, name in enumerate(rows[0]) if not name.startswith("timing_")]
+    return [[row[i] for i in keep] for row in rows]
+
+
+def test_same_inputs_same_tables(tmp_path, rendered):
+    results = tmp_path / "results"
+    write_results(results, timing_scale=3.0)
+    assert make_report(tmp_path, results, tmp_path / "again") == 0
+    first, second = rendered / "summary.csv", tmp_path / "again" / "summary.csv"
+    assert non_timing_columns(first) == non_timing_columns(second)
+    assert first.read_bytes() != second.read_bytes(), "timing differs, so the timing columns do"
+    for name in ("pr_curves.png", "froc.png", "test_examples.png", "training.png"):
+        assert (rendered / "figures" / name).read_bytes() == (tmp_path / "again" / "figures" / name).read_bytes()
+
+
+def test_no_banner_for_a_real_export(tmp_path):
+    results = tmp_path / "results"
+    write_results(results)
+    assert make_report(tmp_path, results, tmp_path / "out", demo=False) == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "synthetic-banner" not in html
+    assert "Synthetic demo data" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_missing_input_is_named(tmp_path):
+    results = tmp_path / "results"
+    write_results(results)
+    (results / "eval" / "vgg16" / "timing.json").unlink()
+    config = load([REPO / "config.yaml"])
+    with pytest.raises(SpinedetError, match="vgg16/timing.json"):
+        report.build_report(config, MODELS, results, results / "slices", tmp_path / "out")
+
+
+def test_model_names_are_escaped(tmp_path):
+    results = tmp_path / "results"
+    write_results(results)
+    config = load([REPO / "config.yaml"])
+    shutil.copytree(results / "eval" / "vgg16", results / "eval" / "<b>x")
+    shutil.copytree(results / "models" / "vgg16", results / "models" / "<b>x")
+    report.build_report(config, ["resnet50", "<b>x"], results, results / "slices", tmp_path / "out")
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<b>x" not in html and "&lt;b&gt;x" in html
+
+
+def test_config_hash_is_that_of_the_effective_config_file(tmp_path):
+    config = load([REPO / "config.yaml"])
+    effective = tmp_path / "effective_config.yaml"
+    effective.write_text(yaml.safe_dump(config, sort_keys=True))  # as workflow/rules/common.smk writes it
+    assert report.config_sha256(config) == hashlib.sha256(effective.read_bytes()).hexdigest()
+    changed = copy.deepcopy(config)
+    changed["seed"] += 1
+    assert report.config_sha256(changed) != report.config_sha256(config)
+
+
+def test_git_commit_outside_a_repository(tmp_path):
+    assert report.git_commit(tmp_path) == "unknown"
+    assert re.fullmatch(r"[0-9a-f]{40}( \+ uncommitted changes)?|unknown", report.git_commit(REPO))
+
+
+def test_example_images_cover_each_class_and_a_negative():
+    test = fixture_test_split(np.random.default_rng(0))
+    chosen = [im["id"] for im in report.example_images(test, CLASSES, count=4)]
+    # class 1 on ids 2, 4, 8; class 2 on ids 1, 3, 7; 5 and 6 without lesions
+    assert chosen == [2, 1, 4, 5]
+
+
+def test_group_counts_with_totals(tmp_path):
+    path = tmp_path / "group_counts.csv"
+    path.write_text("group,train,val,test\ndisc,5,1,2\nnormal,3,0,1\n")
+    table = report.read_group_counts(path)
+    assert table["splits"] == ["train", "val", "test"]
+    assert table["rows"][0] == {"group": "disc", "counts": [5, 1, 2], "total": 8}
+    assert table["totals"] == [8, 1, 3] and table["total"] == 12
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={user_data}", *args],
+        capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")
+def test_headless_browser_renders_the_comparison_rows(rendered, tmp_path):
+    dom = chromium("--dump-dom", (rendered / "report.html").resolve().as_uri(), user_data=tmp_path / "profile").stdout
+    page = parse(dom)
+    rows = page.table_rows["comparison"]
+    assert [r[0].strip() for r in rows if r and r[0].strip() in MODELS] == MODELS
+    assert sum(1 for tag, attrs in page.tags if tag == "img" and attrs["src"].startswith("data:image/png")) == 4

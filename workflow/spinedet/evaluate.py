@@ -1,0 +1,206 @@
+"""`spinedet evaluate`: one trained detector on the test split.
+
+Writes, under --out:
+- detections.json: COCO results list (score >= evaluate.score_threshold);
+- metrics.json: COCO AP/AR, AP at IoU 0.1, per-class AP50, PR curves, FROC
+  and CPM, patient-level bootstrap CIs (see spinedet.metrics), plus the
+  weights' epoch, validation AP50 and parameter count;
+- timing.json: per-image latency (model only, and end-to-end from the PNG
+  file to COCO detections), images/s at batch 1 and at the configured batch
+  size, and the hardware and software it ran on (see spinedet.timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from spinedet import SpinedetError
+from spinedet import metrics as metrics_lib
+from spinedet import timing as timing_lib
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", nargs="+", required=True, help="effective config YAML file(s)")
+    parser.add_argument("--model", required=True, help="model name (a key of config models:)")
+    parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
+    parser.add_argument("--test", required=True, type=Path, help="test split COCO JSON")
+    parser.add_argument("--images", required=True, type=Path, help="slice PNG root (results/slices)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (results/eval/MODEL)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def resolve_device(requested: str) -> torch.device:
+    """config train.device: auto | cpu | cuda."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SpinedetError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(requested)
+
+
+def to_coco_results(output: dict, image_id: int, score_threshold: float) -> list[dict]:
+    """torchvision detections (boxes xyxy, labels, scores) -> COCO results entries."""
+    boxes = output["boxes"].detach().float().cpu()
+    scores = output["scores"].detach().float().cpu()
+    labels = output["labels"].detach().cpu()
+    keep = scores >= score_threshold
+    results = []
+    for (x1, y1, x2, y2), label, score in zip(boxes[keep].tolist(), labels[keep].tolist(), scores[keep].tolist()):
+        results.append({
+            "image_id": int(image_id),
+            "category_id": int(label),
+            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+            "score": round(score, 6),
+        })
+    return results
+
+
+def set_score_threshold(model: torch.nn.Module, score_threshold: float) -> None:
+    """Let the model keep every box down to the configured threshold (torchvision's
+    Faster R-CNN drops boxes below its own box_score_thresh, 0.05 by default)."""
+    roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is not None and hasattr(roi_heads, "score_thresh"):
+        roi_heads.score_thresh = float(score_threshold)
+
+
+@torch.inference_mode()
+def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshold: float) -> list[dict]:
+    """Run the model over every image of a spinedet.data.CocoSlices dataset."""
+    detections = []
+    for index in tqdm(range(len(dataset)), desc="detect", unit="image"):
+        image = dataset.read_image(index).to(device)
+        output = model([image])[0]
+        detections += to_coco_results(output, dataset.images[index]["id"], score_threshold)
+    return detections
+
+
+@torch.inference_mode()
+def measure_timing(model: torch.nn.Module, dataset, device: torch.device, timing_config: dict,
+                   score_threshold: float) -> dict:
+    """Latency per image (batch 1), model only and end-to-end, and throughput at
+    batch 1 and at timing_config['batch_size']; images cycle through the dataset."""
+    warmup, iterations = int(timing_config["warmup"]), int(timing_config["iterations"])
+    batch_size = int(timing_config["batch_size"])
+    n = len(dataset)
+    on_device = [dataset.read_image(i).to(device) for i in range(min(n, max(batch_size, iterations + warmup)))]
+
+    def model_only(i: int):
+        return model([on_device[i % len(on_device)]])
+
+    def end_to_end(i: int):
+        index = i % n
+        image = dataset.read_image(index).to(device)
+        return to_coco_results(model([image])[0], dataset.images[index]["id"], score_threshold)
+
+    def batch(i: int):
+        start = i * batch_size
+        return model([on_device[(start + j) % len(on_device)] for j in range(batch_size)])
+
+    log.info("timing: %d warm-up + %d timed calls each, on %s", warmup, iterations, device)
+    model_seconds = timed_calls_logged("model only", model_only, warmup, iterations, device)
+    e2e_seconds = timed_calls_logged("end to end", end_to_end, warmup, iterations, device)
+    batch_seconds = timed_calls_logged(f"batch {batch_size}", batch, warmup, iterations, device)
+    return {
+        "device": device.type,
+        "warmup": warmup,
+        "iterations": iterations,
+        "latency_s": {
+            "model": timing_lib.latency_stats(model_seconds),
+            "end_to_end": timing_lib.latency_stats(e2e_seconds),
+        },
+        "end_to_end_steps": "read PNG, decode to float [1,H,W], copy to device, model, boxes to COCO",
+        "throughput": [
+            {"batch_size": 1, "images_per_s": iterations / sum(model_seconds)},
+            {"batch_size": batch_size, "images_per_s": batch_size * iterations / sum(batch_seconds),
+             "seconds_per_image": sum(batch_seconds) / (batch_size * iterations)},
+        ],
+        **timing_lib.environment(device),
+    }
+
+
+def timed_calls_logged(name: str, step, warmup: int, iterations: int, device: torch.device) -> list[float]:
+    seconds = timing_lib.timed_calls(step, warmup, iterations, device)
+    log.info("%s: median %.4f s", name, sorted(seconds)[len(seconds) // 2])
+    return seconds
+
+
+def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coco: dict,
+                   image_root: Path, config: dict, device: torch.device) -> tuple[list, dict, dict]:
+    """Detections, metrics and timing of one loaded model on the test split."""
+    from spinedet.data import CocoSlices, check_categories
+    from spinedet.models import count_parameters
+
+    classes = list(config["classes"])
+    if list(meta["classes"]) != classes:
+        raise SpinedetError(
+            f"model {model_name} was trained on classes {meta['classes']}, the config says {classes}")
+    check_categories(test_coco, classes, "test split")
+    if not test_coco["images"]:
+        raise SpinedetError("the test split has no images: nothing to evaluate")
+
+    evaluate_config = config["evaluate"]
+    score_threshold = float(evaluate_config["score_threshold"])
+    model.to(device).eval()
+    set_score_threshold(model, score_threshold)
+    dataset = CocoSlices(test_coco, image_root)
+
+    detections = detect(model, dataset, device, score_threshold)
+    log.info("%d detections on %d test images", len(detections), len(dataset))
+    metrics = {
+        "model": model_name,
+        "arch": meta.get("model_config", {}).get("arch"),
+        "weights": {
+            "epoch": meta.get("epoch"),
+            "val_ap50": meta.get("val_ap50"),
+            "parameters": count_parameters(model),
+        },
+        "score_threshold": score_threshold,
+        **metrics_lib.evaluate_detections(test_coco, detections, classes, evaluate_config, int(config["seed"])),
+    }
+    timing = {"model": model_name, **measure_timing(model, dataset, device, evaluate_config["timing"], score_threshold)}
+    return detections, metrics, timing
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def evaluate(config: dict, model_name: str, weights: Path, test: Path, images: Path, out: Path,
+             threads: int) -> dict:
+    """The verb on a loaded config: load weights and test set, evaluate, write the three files."""
+    from spinedet.data import load_coco
+    from spinedet.models import load_trained
+
+    if model_name not in config["models"]:
+        raise SpinedetError(f"--model {model_name}: not in config models ({', '.join(config['models'])})")
+    torch.set_num_threads(threads)
+    device = resolve_device(config["train"]["device"])
+    model, meta = load_trained(weights, device)
+    test_coco = load_coco(test)
+    detections, metrics, timing = evaluate_model(model, meta, model_name, test_coco, images, config, device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "detections.json", detections)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "timing.json", timing)
+    ap50 = metrics["ap50"]
+    log.info("%s: AP50 %s, CPM %s, model %.4f s/image (median) on %s", model_name,
+             "n/a" if ap50 is None else f"{ap50:.3f}",
+             "n/a" if metrics["cpm"] is None else f"{metrics['cpm']:.3f}",
+             timing["latency_s"]["model"]["median"], device)
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from spinedet.config import load
+
+    config = load(args.config)
+    evaluate(config, args.model, args.weights, args.test, args.images, args.out, args.threads)
+    return 0

@@ -1,0 +1,413 @@
+"""Detection metrics on COCO data: pycocotools summaries, FROC and a patient-level
+bootstrap of AP50.
+
+Ground truth is a COCO dict (the split's test.json), detections a COCO results
+list (`image_id, category_id, bbox [x, y, w, h], score`). Everything here is
+plain numpy/pycocotools, independent of torch.
+
+The bootstrap cannot afford a full COCOeval per draw, so AP50 is re-implemented
+the COCO way (per-image greedy matching by score, 101-point interpolated
+precision, maxDets=100, area 'all') on matches computed once per image; a test
+checks it against pycocotools to 1e-6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from spinedet import SpinedetError
+
+log = logging.getLogger(__name__)
+
+# COCO's recall grid for interpolated precision: 0, 0.01, ..., 1.
+RECALL_GRID = np.linspace(0.0, 1.0, 101)
+COCO_MAX_DETS = 100
+# FROC curves for figures are sampled on this grid of false positives per image.
+FROC_CURVE_FPS = np.geomspace(1 / 16, 16, 41)
+
+
+def _with_box_areas(coco_gt: dict) -> dict:
+    """A copy of the ground truth where every annotation has `area` and `iscrowd`
+    (pycocotools needs both; COCO files written by hand may lack them)."""
+    coco_gt = copy.deepcopy(coco_gt)
+    for ann in coco_gt.get("annotations", []):
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+    coco_gt.setdefault("info", {})
+    return coco_gt
+
+
+def run_cocoeval(coco_gt: dict, detections: list[dict], iou_thresholds: list[float] | None = None):
+    """Run pycocotools' bbox COCOeval (evaluate, accumulate, summarize) quietly.
+
+    Returns the COCOeval object, or None when there are no detections at all
+    (pycocotools cannot load an empty result list).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = _with_box_areas(coco_gt)
+        gt.createIndex()
+        dt = gt.loadRes(copy.deepcopy(detections))
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        if iou_thresholds is not None:
+            evaluator.params.iouThrs = np.asarray(iou_thresholds, dtype=float)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def _defined(value: float) -> float | None:
+    """COCO marks undefined values (no ground truth) with -1; JSON gets null."""
+    return None if value < 0 else float(value)
+
+
+def _class_precision(evaluator, iou_index: int, class_index: int) -> np.ndarray:
+    """Interpolated precision on RECALL_GRID for one class, area 'all', maxDets=100."""
+    return evaluator.eval["precision"][iou_index, :, class_index, 0, -1]
+
+
+def coco_summary(coco_gt: dict, detections: list[dict], classes: list[str]) -> dict:
+    """AP@[.5:.95], AP50, AP75, AR@100, AP at IoU 0.1, per-class AP50 and the
+    per-class precision-recall curves at IoU 0.5, all from pycocotools.
+
+    Category ids are 1..n in `classes` order (data contract). Values are
+    fractions in 0..1, None where a class has no ground truth.
+    """
+    category_ids = list(range(1, len(classes) + 1))
+    n_gt = {name: 0 for name in classes}
+    for ann in coco_gt.get("annotations", []):
+        n_gt[classes[ann["category_id"] - 1]] += 1
+    has_gt = {name: n_gt[name] > 0 for name in classes}
+
+    standard = run_cocoeval(coco_gt, detections)
+    at_iou10 = run_cocoeval(coco_gt, detections, iou_thresholds=[0.1])
+    if standard is None:
+        # No detections: every class with ground truth scores zero.
+        zero_if_gt = {name: (0.0 if has_gt[name] else None) for name in classes}
+        any_gt = any(has_gt.values())
+        ap_all = 0.0 if any_gt else None
+        return {
+            "n_gt": n_gt,
+            "ap": ap_all,
+            "ap50": ap_all,
+            "ap75": ap_all,
+            "ar100": ap_all,
+            "ap_iou10": ap_all,
+            "ap50_per_class": zero_if_gt,
+            "ap_iou10_per_class": dict(zero_if_gt),
+            "pr_curves": {
+                "recall": RECALL_GRID.tolist(),
+                "precision": {n: ([0.0] * len(RECALL_GRID) if has_gt[n] else None) for n in classes},
+            },
+        }
+
+    assert list(standard.params.catIds) == category_ids, "categories must be 1..n in classes order"
+    # stats: 0 AP, 1 AP50, 2 AP75, ..., 8 AR@100 (area all)
+    stats = standard.stats
+    iou50 = int(np.argmin(np.abs(standard.params.iouThrs - 0.5)))
+    per_class, curves, per_class_iou10 = {}, {}, {}
+    for index, name in enumerate(classes):
+        precision = _class_precision(standard, iou50, index)
+        per_class[name] = _defined(precision.mean()) if has_gt[name] else None
+        curves[name] = precision.tolist() if has_gt[name] else None
+        precision10 = _class_precision(at_iou10, 0, index)
+        per_class_iou10[name] = _defined(precision10.mean()) if has_gt[name] else None
+    precision10_all = at_iou10.eval["precision"][0, :, :, 0, -1]
+    defined10 = precision10_all[precision10_all > -1]
+    return {
+        "n_gt": n_gt,
+        "ap": _defined(stats[0]),
+        "ap50": _defined(stats[1]),
+        "ap75": _defined(stats[2]),
+        "ar100": _defined(stats[8]),
+        "ap_iou10": float(defined10.mean()) if defined10.size else None,
+        "ap50_per_class": per_class,
+        "ap_iou10_per_class": per_class_iou10,
+        "pr_curves": {"recall": RECALL_GRID.tolist(), "precision": curves},
+    }
+
+
+def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
+    """IoU matrix between [N, 4] and [M, 4] boxes in COCO [x, y, w, h] (pixel edges)."""
+    a = np.asarray(boxes_a, dtype=float).reshape(-1, 4)
+    b = np.asarray(boxes_b, dtype=float).reshape(-1, 4)
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    inter_w = np.minimum(ax2[:, None], bx2[None, :]) - np.maximum(a[:, 0][:, None], b[:, 0][None, :])
+    inter_h = np.minimum(ay2[:, None], by2[None, :]) - np.maximum(a[:, 1][:, None], b[:, 1][None, :])
+    inter = np.clip(inter_w, 0, None) * np.clip(inter_h, 0, None)
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def match_image(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
+                iou_threshold: float, max_dets: int | None = COCO_MAX_DETS) -> tuple[np.ndarray, np.ndarray]:
+    """Match one image's detections of one class to its ground truth, COCO style.
+
+    Detections are taken highest score first (stable for ties), at most
+    `max_dets`; each one claims the unmatched ground-truth box of highest IoU
+    >= threshold (a later box wins an IoU tie, as in pycocotools). Returns the
+    kept scores (sorted) and whether each is a true positive.
+    """
+    order = np.argsort(-np.asarray(det_scores, dtype=float), kind="mergesort")
+    if max_dets is not None:
+        order = order[:max_dets]
+    scores = np.asarray(det_scores, dtype=float)[order]
+    is_tp = np.zeros(len(order), dtype=bool)
+    if len(order) == 0 or len(gt_boxes) == 0:
+        return scores, is_tp
+    ious = box_iou_xywh(np.asarray(det_boxes)[order], gt_boxes)
+    gt_taken = np.zeros(len(gt_boxes), dtype=bool)
+    threshold = min(iou_threshold, 1 - 1e-10)
+    for d in range(len(order)):
+        best_iou, best_gt = threshold, -1
+        for g in range(len(gt_boxes)):
+            if gt_taken[g] or ious[d, g] < best_iou:
+                continue
+            best_iou, best_gt = ious[d, g], g
+        if best_gt >= 0:
+            gt_taken[best_gt] = True
+            is_tp[d] = True
+    return scores, is_tp
+
+
+@dataclass
+class Matches:
+    """Per-image, per-class matching results, computed once and reused by the
+    bootstrap and FROC. Lists are indexed [class][image], images in `image_ids` order."""
+
+    image_ids: list[int]
+    classes: list[str]
+    scores: list[list[np.ndarray]]
+    is_tp: list[list[np.ndarray]]
+    n_gt: np.ndarray  # [class, image]
+
+
+def match_detections(coco_gt: dict, detections: list[dict], classes: list[str],
+                     iou_threshold: float, max_dets: int | None = COCO_MAX_DETS) -> Matches:
+    """Match every image's detections to its ground truth, class by class.
+
+    Images are taken in increasing id order (as pycocotools does), including
+    images with neither ground truth nor detections.
+    """
+    image_ids = sorted(image["id"] for image in coco_gt["images"])
+    known = set(image_ids)
+    gt_by_key: dict[tuple[int, int], list] = {}
+    for ann in coco_gt.get("annotations", []):
+        if ann.get("iscrowd", 0):
+            raise SpinedetError(f"crowd annotation {ann.get('id')} in the test set: not supported")
+        gt_by_key.setdefault((ann["image_id"], ann["category_id"]), []).append(ann["bbox"])
+    dt_by_key: dict[tuple[int, int], list] = {}
+    for det in detections:
+        if det["image_id"] not in known:
+            raise SpinedetError(f"detection for image {det['image_id']}, which is not in the test set")
+        dt_by_key.setdefault((det["image_id"], det["category_id"]), []).append(det)
+
+    scores, is_tp = [], []
+    n_gt = np.zeros((len(classes), len(image_ids)), dtype=int)
+    for k in range(len(classes)):
+        class_scores, class_tp = [], []
+        for i, image_id in enumerate(image_ids):
+            gt_boxes = np.asarray(gt_by_key.get((image_id, k + 1), []), dtype=float).reshape(-1, 4)
+            dets = dt_by_key.get((image_id, k + 1), [])
+            det_boxes = np.asarray([d["bbox"] for d in dets], dtype=float).reshape(-1, 4)
+            det_scores = np.asarray([d["score"] for d in dets], dtype=float)
+            s, tp = match_image(gt_boxes, det_boxes, det_scores, iou_threshold, max_dets)
+            class_scores.append(s)
+            class_tp.append(tp)
+            n_gt[k, i] = len(gt_boxes)
+        scores.append(class_scores)
+        is_tp.append(class_tp)
+    return Matches(image_ids, list(classes), scores, is_tp, n_gt)
+
+
+def coco_average_precision(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> float | None:
+    """101-point interpolated AP exactly as pycocotools' accumulate() computes it.
+
+    `scores`/`is_tp` are detections concatenated image by image (each image's
+    already sorted by score); they are stably re-sorted by score. None when
+    there is no ground truth.
+    """
+    if n_gt == 0:
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
+    tp = np.asarray(is_tp, dtype=bool)[order]
+    tp_sum = np.cumsum(tp).astype(float)
+    fp_sum = np.cumsum(~tp).astype(float)
+    if len(tp) == 0:
+        return 0.0
+    recall = tp_sum / n_gt
+    precision = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+    # precision envelope: best precision at any higher recall
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    at = np.searchsorted(recall, RECALL_GRID, side="left")
+    interpolated = np.where(at < len(precision), precision[np.minimum(at, len(precision) - 1)], 0.0)
+    return float(interpolated.mean())
+
+
+def ap_per_class(matches: Matches, image_indices: np.ndarray | None = None) -> dict[str, float | None]:
+    """COCO AP of each class over the given images (by index into matches.image_ids,
+    repeats allowed and counted), or over all images."""
+    if image_indices is None:
+        image_indices = np.arange(len(matches.image_ids))
+    result = {}
+    for k, name in enumerate(matches.classes):
+        if len(image_indices):
+            scores = np.concatenate([matches.scores[k][i] for i in image_indices])
+            is_tp = np.concatenate([matches.is_tp[k][i] for i in image_indices])
+        else:
+            scores, is_tp = np.zeros(0), np.zeros(0, dtype=bool)
+        result[name] = coco_average_precision(scores, is_tp, int(matches.n_gt[k, image_indices].sum()))
+    return result
+
+
+def mean_defined(values) -> float | None:
+    """Mean over the values that are defined (classes that have ground truth)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def patient_image_indices(coco_gt: dict, image_ids: list[int]) -> dict[str, list[int]]:
+    """Indices into `image_ids` of each patient's images (COCO images carry `patient`)."""
+    patient_of = {}
+    for image in coco_gt["images"]:
+        if "patient" not in image:
+            raise SpinedetError(f"test image {image['id']} has no 'patient' field: cannot bootstrap by patient")
+        patient_of[image["id"]] = str(image["patient"])
+    by_patient: dict[str, list[int]] = {}
+    for index, image_id in enumerate(image_ids):
+        by_patient.setdefault(patient_of[image_id], []).append(index)
+    return dict(sorted(by_patient.items()))
+
+
+def bootstrap_ap50(matches: Matches, images_by_patient: dict[str, list[int]],
+                   draws: int, seed: int) -> dict:
+    """Patient-level bootstrap of AP50: resample patients with replacement; a
+    patient drawn twice contributes its images twice (as duplicated images with
+    new ids would in COCOeval). Returns 95 % percentile intervals for the mean
+    AP50 and each class's AP50, and how many draws defined each (a draw without
+    ground truth of a class leaves that class undefined)."""
+    rng = np.random.default_rng(seed)
+    patients = list(images_by_patient)
+    per_draw = {name: np.full(draws, np.nan) for name in ["mean", *matches.classes]}
+    for d in tqdm(range(draws), desc="bootstrap", unit="draw", leave=False):
+        chosen = rng.integers(0, len(patients), size=len(patients))
+        image_indices = np.asarray(
+            [i for p in chosen for i in images_by_patient[patients[p]]], dtype=int)
+        per_class = ap_per_class(matches, image_indices)
+        mean = mean_defined(per_class.values())
+        per_draw["mean"][d] = np.nan if mean is None else mean
+        for name, value in per_class.items():
+            per_draw[name][d] = np.nan if value is None else value
+
+    def interval(values: np.ndarray) -> dict:
+        valid = values[~np.isnan(values)]
+        if valid.size == 0:
+            return {"low": None, "high": None, "valid_draws": 0}
+        low, high = np.percentile(valid, [2.5, 97.5])
+        return {"low": float(low), "high": float(high), "valid_draws": int(valid.size)}
+
+    return {
+        "unit": "patient",
+        "draws": draws,
+        "seed": seed,
+        "patients": len(patients),
+        "level": 0.95,
+        "method": "percentile",
+        "ap50": interval(per_draw["mean"]),
+        "ap50_per_class": {name: interval(per_draw[name]) for name in matches.classes},
+    }
+
+
+def _operating_points(scores: np.ndarray, is_tp: np.ndarray, n_images: int, n_gt: int):
+    """(FPs per image, sensitivity) at every score threshold, starting from the
+    'no detection' point. Tied scores form one threshold."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_tp = scores[order], is_tp[order]
+    end_of_threshold = np.r_[scores[1:] != scores[:-1], True] if len(scores) else np.zeros(0, bool)
+    tp_sum = np.cumsum(is_tp)[end_of_threshold]
+    fp_sum = np.cumsum(~is_tp)[end_of_threshold]
+    fps_per_image = np.r_[0.0, fp_sum / n_images]
+    sensitivity = np.r_[0.0, tp_sum / n_gt] if n_gt else np.full(len(tp_sum) + 1, np.nan)
+    return fps_per_image, sensitivity
+
+
+def sensitivity_at(fps_per_image: np.ndarray, sensitivity: np.ndarray, rates) -> list[float]:
+    """Best sensitivity reachable with at most `rate` false positives per image."""
+    return [float(sensitivity[fps_per_image <= rate].max()) for rate in rates]
+
+
+def froc(matches: Matches, fps_rates: list[float], iou_threshold: float) -> dict:
+    """FROC: sensitivity at the given false-positive rates per image, per class and
+    over all classes pooled, and their mean (CPM). FPs per image divide by every
+    test image, those without ground truth included. `matches` must come from
+    match_detections(..., iou_threshold, max_dets=None)."""
+    n_images = len(matches.image_ids)
+
+    def summary(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> dict:
+        if n_gt == 0:
+            return {"n_gt": 0, "sensitivity": None, "cpm": None, "curve": None}
+        fps, sens = _operating_points(scores, is_tp, n_images, n_gt)
+        at_rates = sensitivity_at(fps, sens, fps_rates)
+        return {
+            "n_gt": int(n_gt),
+            "sensitivity": at_rates,
+            "cpm": float(np.mean(at_rates)),
+            "curve": {"fps_per_image": FROC_CURVE_FPS.tolist(),
+                      "sensitivity": sensitivity_at(fps, sens, FROC_CURVE_FPS)},
+        }
+
+    per_class = {}
+    all_scores, all_tp = [], []
+    for k, name in enumerate(matches.classes):
+        scores = np.concatenate(matches.scores[k]) if n_images else np.zeros(0)
+        is_tp = np.concatenate(matches.is_tp[k]) if n_images else np.zeros(0, bool)
+        per_class[name] = summary(scores, is_tp, int(matches.n_gt[k].sum()))
+        all_scores.append(scores)
+        all_tp.append(is_tp)
+    overall = summary(np.concatenate(all_scores), np.concatenate(all_tp), int(matches.n_gt.sum()))
+    return {
+        "iou_threshold": float(iou_threshold),
+        "fps_per_image": [float(r) for r in fps_rates],
+        "n_images": n_images,
+        "per_class": per_class,
+        "overall": overall,
+        "cpm": overall["cpm"],
+    }
+
+
+def evaluate_detections(coco_gt: dict, detections: list[dict], classes: list[str],
+                        evaluate_config: dict, seed: int) -> dict:
+    """All test-set metrics for one model: the COCO summary, FROC and the
+    patient-level bootstrap CIs (the metrics.json body, without model info)."""
+    summary = coco_summary(coco_gt, detections, classes)
+    froc_matches = match_detections(coco_gt, detections, classes,
+                                    evaluate_config["froc_iou"], max_dets=None)
+    ap_matches = match_detections(coco_gt, detections, classes, 0.5, max_dets=COCO_MAX_DETS)
+    images_by_patient = patient_image_indices(coco_gt, ap_matches.image_ids)
+    draws = int(evaluate_config["bootstrap"])
+    log.info("bootstrap: %d draws over %d patients", draws, len(images_by_patient))
+    froc_result = froc(froc_matches, evaluate_config["froc_fps"], evaluate_config["froc_iou"])
+    return {
+        "classes": list(classes),
+        "n_images": len(ap_matches.image_ids),
+        "n_patients": len(images_by_patient),
+        **summary,
+        "cpm": froc_result["cpm"],
+        "froc": froc_result,
+        "bootstrap": bootstrap_ap50(ap_matches, images_by_patient, draws, seed),
+    }

@@ -1,0 +1,576 @@
+"""`spinedet report`: the model-comparison report.
+
+Reads every model's eval/{model}/metrics.json, timing.json, detections.json
+and models/{model}/train_log.csv, plus split/group_counts.csv,
+split/test.json, inventory/summary.json and deid/annotation_issues.csv under
+--results, and writes under --out:
+- report.html: one self-contained file (figures embedded as base64 PNG, CSS
+  inline, nothing fetched over a network);
+- report.md: the same tables, figures referenced from figures/;
+- summary.csv: one row per model; timing columns (prefix `timing_`) last, so
+  the rest is byte-identical for the same inputs;
+- figures/*.png: PR curves, FROC curves, training curves, test examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import platform
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from spinedet import SpinedetError, __version__  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+FIGURE_DPI = 150
+# Detections drawn on the example slices: the threshold is for legibility only;
+# every metric uses all detections above evaluate.score_threshold.
+DISPLAY_SCORE = 0.5
+EXAMPLE_IMAGES = 4
+CLASS_COLOURS = ["#ff8c00", "#00bfff", "#ff4dd2", "#ffd700", "#b0ff57"]  # visible on dark MRI
+MODEL_COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#a6761d"]
+GROUND_TRUTH_COLOUR = "#00e000"
+
+# Ma et al., J Appl Clin Med Phys 2020;21(9):235-243, as published.
+PAPER_ROWS = [
+    {"model": "ResNet-50 (Ma et al. 2020)", "map_percent": 88.6, "seconds_per_image": 0.22},
+    {"model": "VGG-16 (Ma et al. 2020)", "map_percent": 72.3, "seconds_per_image": 0.24},
+]
+PAPER_NOTE = ("Published values of Ma et al., J Appl Clin Med Phys 2020;21(9):235-243: their private "
+              "data set (1,500 patients) and their hardware. Not comparable with the rows above.")
+
+MANIFEST_PACKAGES = ["torch", "torchvision", "numpy", "pandas", "pycocotools", "scikit-learn", "pydicom",
+                     "nibabel", "matplotlib", "jinja2", "snakemake"]
+
+INVENTORY_LABELS = {
+    "files_in": "Files in the export",
+    "ok": "Files used",
+    "ok_by_kind": "used, by kind",
+    "quarantined": "Files quarantined",
+    "quarantined_by_reason": "quarantined, by reason",
+    "series": "Series found",
+    "series_by_orientation": "series, by orientation",
+    "cohort_patients": "Patients in cohort.csv",
+    "patients_selected": "Patients with a target series",
+    "patients_without_target": "Patients without a target series",
+    "patients_without_files": "Cohort patients without any file",
+    "patients_not_in_cohort": "Patients in the export but not in cohort.csv",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", nargs="+", required=True, help="effective config YAML file(s)")
+    parser.add_argument("--models", nargs="+", required=True, help="model names to compare")
+    parser.add_argument("--results", required=True, type=Path, help="results folder")
+    parser.add_argument("--images", required=True, type=Path, help="slice PNG root (results/slices)")
+    parser.add_argument("--out", required=True, type=Path, help="report folder (results/report)")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_json(path: Path):
+    if not path.is_file():
+        raise SpinedetError(f"report input missing: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpinedetError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SpinedetError(f"report input missing: {path}")
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read_model_results(results: Path, model: str) -> dict:
+    """One model's evaluation and training outputs."""
+    train_log = read_csv_rows(results / "models" / model / "train_log.csv")
+    return {
+        "name": model,
+        "metrics": read_json(results / "eval" / model / "metrics.json"),
+        "timing": read_json(results / "eval" / model / "timing.json"),
+        "detections": read_json(results / "eval" / model / "detections.json"),
+        "train_log": train_log,
+    }
+
+
+def read_group_counts(path: Path) -> dict:
+    """split/group_counts.csv (rows = group, columns = split) as a table with totals."""
+    rows = read_csv_rows(path)
+    if not rows:
+        raise SpinedetError(f"{path} has no rows")
+    first = list(rows[0])[0]
+    splits = [c for c in rows[0] if c != first and c.lower() != "total"]
+    body = []
+    for row in rows:
+        if row[first].lower() == "total":
+            continue
+        counts = [int(float(row[s] or 0)) for s in splits]
+        body.append({"group": row[first], "counts": counts, "total": sum(counts)})
+    totals = [sum(r["counts"][i] for r in body) for i in range(len(splits))]
+    return {"splits": splits, "rows": body, "totals": totals, "total": sum(totals)}
+
+
+def inventory_rows(summary: dict) -> list[dict]:
+    """inventory/summary.json as labelled rows; nested counts become indented rows."""
+    from spinedet.inventory import REASONS
+
+    rows = []
+    for key, value in summary.items():
+        label = INVENTORY_LABELS.get(key, key.replace("_", " ").capitalize())
+        if isinstance(value, dict):
+            rows.append({"label": label, "value": sum(value.values()) if value else 0, "level": 0})
+            for sub_key, sub_value in value.items():
+                sub_label = REASONS.get(sub_key, sub_key.replace("_", " ")) if key == "quarantined_by_reason" \
+                    else sub_key.replace("_", " ")
+                rows.append({"label": sub_label, "value": sub_value, "level": 1})
+        else:
+            rows.append({"label": label, "value": value, "level": 0})
+    return rows
+
+
+def annotation_issue_counts(path: Path) -> list[dict]:
+    """deid/annotation_issues.csv counted by reason (most frequent first)."""
+    counts = Counter(row["reason"] for row in read_csv_rows(path))
+    return [{"reason": reason, "count": n} for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def test_set_facts(test_coco: dict, classes: list[str]) -> dict:
+    patients = {img.get("patient") for img in test_coco["images"]}
+    lesions = Counter(ann["category_id"] for ann in test_coco["annotations"])
+    with_lesion = {ann["image_id"] for ann in test_coco["annotations"]}
+    return {
+        "patients": len(patients),
+        "images": len(test_coco["images"]),
+        "images_with_lesion": len(with_lesion),
+        "lesions": {name: lesions.get(k + 1, 0) for k, name in enumerate(classes)},
+    }
+
+
+# ---------------------------------------------------------------- tables
+
+
+def comparison_row(model: dict, classes: list[str]) -> dict:
+    """The numbers of one model's comparison row (fractions, seconds, counts)."""
+    m, t = model["metrics"], model["timing"]
+    boot = m.get("bootstrap", {})
+    row = {
+        "model": model["name"],
+        "arch": m.get("arch"),
+        "parameters": m.get("weights", {}).get("parameters", {}).get("total"),
+        "epoch": m.get("weights", {}).get("epoch"),
+        "test_images": m.get("n_images"),
+        "test_patients": m.get("n_patients"),
+        "ap50": m["ap50"],
+        "ap50_ci_low": boot.get("ap50", {}).get("low"),
+        "ap50_ci_high": boot.get("ap50", {}).get("high"),
+        "ap": m["ap"],
+        "ap75": m["ap75"],
+        "ar100": m["ar100"],
+        "ap_iou10": m["ap_iou10"],
+    }
+    for name in classes:
+        interval = boot.get("ap50_per_class", {}).get(name, {})
+        row[f"ap50_{name}"] = m["ap50_per_class"].get(name)
+        row[f"ap50_{name}_ci_low"] = interval.get("low")
+        row[f"ap50_{name}_ci_high"] = interval.get("high")
+    row["cpm"] = m["cpm"]
+    row["froc_iou"] = m["froc"]["iou_threshold"]
+    row["bootstrap_draws"] = boot.get("draws")
+    throughput = {entry["batch_size"]: entry for entry in t["throughput"]}
+    batched = max(throughput)
+    row |= {
+        "timing_device": t["hardware"]["gpu"] or t["hardware"]["cpu"],
+        "timing_model_median_s": t["latency_s"]["model"]["median"],
+        "timing_model_p95_s": t["latency_s"]["model"]["p95"],
+        "timing_end_to_end_median_s": t["latency_s"]["end_to_end"]["median"],
+        "timing_end_to_end_p95_s": t["latency_s"]["end_to_end"]["p95"],
+        "timing_images_per_s_batch_1": throughput[1]["images_per_s"] if 1 in throughput else None,
+        "timing_batch_size": batched,
+        "timing_images_per_s_batch": throughput[batched]["images_per_s"],
+    }
+    return row
+
+
+def csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6f}"
+    return str(value)
+
+
+def write_summary_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(rows[0])
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([csv_value(row[c]) for c in columns])
+
+
+def percent(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def seconds(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def cell(value: str, detail: str | None = None) -> dict:
+    """A table cell: the number, an optional bracketed detail (CI, p95) that HTML
+    sets on a second line, and both as one text for Markdown."""
+    return {"value": value, "detail": detail or "", "text": f"{value} ({detail})" if detail else value}
+
+
+def with_ci(value, low, high) -> dict:
+    if value is None or low is None or high is None:
+        return cell(percent(value))
+    return cell(percent(value), f"{percent(low)}–{percent(high)}")
+
+
+def display_row(row: dict, classes: list[str]) -> dict:
+    """Formatted cells of the comparison table (HTML and Markdown)."""
+    params = row["parameters"]
+    batch_1 = row["timing_images_per_s_batch_1"]
+    return {
+        "model": row["model"],
+        "arch": row["arch"] or "",
+        "ap50": with_ci(row["ap50"], row["ap50_ci_low"], row["ap50_ci_high"]),
+        "per_class": [with_ci(row[f"ap50_{c}"], row[f"ap50_{c}_ci_low"], row[f"ap50_{c}_ci_high"]) for c in classes],
+        "ap": cell(percent(row["ap"])),
+        "ap_iou10": cell(percent(row["ap_iou10"])),
+        "cpm": cell(percent(row["cpm"])),
+        "model_s": cell(seconds(row["timing_model_median_s"]), seconds(row["timing_model_p95_s"])),
+        "e2e_s": cell(seconds(row["timing_end_to_end_median_s"]), seconds(row["timing_end_to_end_p95_s"])),
+        "images_per_s_1": cell("n/a" if batch_1 is None else f"{batch_1:.1f}"),
+        "images_per_s_batch": cell(f"{row['timing_images_per_s_batch']:.1f}"),
+        "parameters": cell("n/a" if params is None else f"{params / 1e6:.1f} M"),
+    }
+
+
+# ---------------------------------------------------------------- figures
+
+
+def save_figure(fig, path: Path) -> Path:
+    # No Software text chunk; fixed dpi: identical inputs give identical files.
+    fig.savefig(path, dpi=FIGURE_DPI, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def pretty(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def plot_pr_curves(models: list[dict], classes: list[str], path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.7 * len(classes), 3.3), squeeze=False)
+    for ax, name in zip(axes[0], classes):
+        for colour, model in zip(MODEL_COLOURS, models):
+            curves = model["metrics"]["pr_curves"]
+            precision = curves["precision"].get(name)
+            if precision is None:
+                continue
+            ap = model["metrics"]["ap50_per_class"].get(name)
+            ax.plot(curves["recall"], precision, color=colour, lw=1.8,
+                    label=f"{model['name']} (AP50 {percent(ap)} %)")
+        ax.set(title=pretty(name), xlabel="Recall", ylabel="Precision (IoU 0.5)", xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_froc(models: list[dict], classes: list[str], path: Path) -> Path:
+    panels = [*classes, "overall"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.3), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        for colour, model in zip(MODEL_COLOURS, models):
+            froc = model["metrics"]["froc"]
+            entry = froc["overall"] if name == "overall" else froc["per_class"].get(name)
+            if not entry or entry["curve"] is None:
+                continue
+            ax.step(entry["curve"]["fps_per_image"], entry["curve"]["sensitivity"], where="post",
+                    color=colour, lw=1.6, label=f"{model['name']} (CPM {percent(entry['cpm'])} %)")
+            ax.plot(froc["fps_per_image"], entry["sensitivity"], "o", color=colour, ms=4)
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(FROC_TICKS))
+        ax.xaxis.set_major_formatter(FuncFormatter(rate_label))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set(title="all lesions" if name == "overall" else pretty(name), xlabel="False positives per slice",
+               ylabel="Sensitivity", ylim=(0, 1.02))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+FROC_TICKS = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8, 16]
+
+
+def rate_label(rate: float, _position=None) -> str:
+    """1/8 rather than 0.125 or 2^-3 on the FROC axis."""
+    return f"{rate:g}" if rate >= 1 else f"1/{round(1 / rate)}"
+
+
+def as_float(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def plot_training(models: list[dict], path: Path) -> Path:
+    fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(8, 3.1))
+    for colour, model in zip(MODEL_COLOURS, models):
+        epochs = [as_float(r.get("epoch")) for r in model["train_log"]]
+        loss_ax.plot(epochs, [as_float(r.get("loss")) for r in model["train_log"]], "o-", color=colour,
+                     ms=3, label=model["name"])
+        ap_ax.plot(epochs, [as_float(r.get("val_ap50")) for r in model["train_log"]], "o-", color=colour,
+                   ms=3, label=model["name"])
+    loss_ax.set(title="Training loss", xlabel="Epoch", ylabel="Loss (sum of the four terms)")
+    ap_ax.set(title="Validation AP50", xlabel="Epoch", ylabel="AP50", ylim=(0, 1.02))
+    for ax in (loss_ax, ap_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def example_images(test_coco: dict, classes: list[str], count: int = EXAMPLE_IMAGES) -> list[dict]:
+    """Test slices to show: for each class in turn the next slice (by id) holding
+    it, then one without lesions; deterministic."""
+    images = sorted(test_coco["images"], key=lambda im: im["id"])
+    classes_on = {im["id"]: set() for im in images}
+    for ann in test_coco["annotations"]:
+        classes_on[ann["image_id"]].add(ann["category_id"])
+    chosen: list[dict] = []
+    queues = [[im for im in images if k + 1 in classes_on[im["id"]]] for k in range(len(classes))]
+    while len(chosen) < count - 1 and any(queues):
+        for queue in queues:
+            while queue and queue[0] in chosen:
+                queue.pop(0)
+            if queue and len(chosen) < count - 1:
+                chosen.append(queue.pop(0))
+    negatives = [im for im in images if not classes_on[im["id"]]]
+    chosen += negatives[:1]
+    rest = [im for im in images if im not in chosen]
+    return chosen + rest[: count - len(chosen)]
+
+
+def draw_boxes(ax, boxes: list[dict], classes: list[str], ground_truth: bool) -> None:
+    """Ground truth dashed green, class name under the box; detections solid in
+    their class colour, score above the box."""
+    for box in boxes:
+        x, y, w, h = box["bbox"]
+        if ground_truth:
+            colour, text, text_y, va = GROUND_TRUTH_COLOUR, pretty(classes[box["category_id"] - 1]), y + h + 1, "top"
+        else:
+            colour = CLASS_COLOURS[(box["category_id"] - 1) % len(CLASS_COLOURS)]
+            text, text_y, va = f"{box['score']:.2f}", y - 1, "bottom"
+        ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=1.3, ec=colour, ls="--" if ground_truth else "-"))
+        ax.text(x, text_y, text, color=colour, fontsize=6, va=va, ha="left",
+                bbox={"facecolor": "black", "alpha": 0.55, "pad": 0.8, "lw": 0})
+
+
+def plot_examples(models: list[dict], test_coco: dict, images_root: Path, classes: list[str], path: Path) -> Path:
+    """One column per example slice, one row per model."""
+    shown = example_images(test_coco, classes)
+    if not shown:
+        raise SpinedetError("the test split has no images to show")
+    fig, axes = plt.subplots(len(models), len(shown), figsize=(2.3 * len(shown), 2.45 * len(models) + 0.5),
+                             squeeze=False)
+    gt_by_image: dict[int, list] = {}
+    for ann in test_coco["annotations"]:
+        gt_by_image.setdefault(ann["image_id"], []).append(ann)
+    for c, info in enumerate(shown):
+        image_path = images_root / info["file_name"]
+        if not image_path.is_file():
+            raise SpinedetError(f"test slice not found: {image_path}")
+        pixels = np.asarray(Image.open(image_path).convert("L"))
+        for r, model in enumerate(models):
+            ax = axes[r][c]
+            ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            draw_boxes(ax, gt_by_image.get(info["id"], []), classes, ground_truth=True)
+            detections = [d for d in model["detections"]
+                          if d["image_id"] == info["id"] and d["score"] >= DISPLAY_SCORE]
+            draw_boxes(ax, detections, classes, ground_truth=False)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"test slice {c + 1} ({info.get('group', '')})", fontsize=8.5)
+            if c == 0:
+                ax.set_ylabel(model["name"], fontsize=10)
+    handles = [Line2D([], [], color=GROUND_TRUTH_COLOUR, ls="--", label="ground truth")]
+    handles += [Line2D([], [], color=CLASS_COLOURS[k % len(CLASS_COLOURS)], label=f"detected {pretty(name)}")
+                for k, name in enumerate(classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, path)
+
+
+def embed_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def config_sha256(config: dict) -> str:
+    """sha256 of the effective config as YAML (the text the Snakefile writes)."""
+    return hashlib.sha256(yaml.safe_dump(config, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """HEAD of the git repository the report is made in, '+ uncommitted changes'
+    when the tree is dirty, else 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=20, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} + uncommitted changes" if dirty else head
+
+
+def package_versions() -> dict:
+    versions = {"spinedet": __version__}
+    for name in MANIFEST_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_manifest(config: dict, models: list[dict]) -> dict:
+    return {
+        "config_sha256": config_sha256(config),
+        "seed": config.get("seed"),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "report_platform": f"{platform.platform()}, Python {platform.python_version()}",
+        "evaluation_hardware": [
+            {"model": m["name"], **m["timing"]["hardware"],
+             "torch": m["timing"]["software"].get("torch"), "cuda": m["timing"]["software"].get("cuda")}
+            for m in models
+        ],
+    }
+
+
+# ---------------------------------------------------------------- the report
+
+
+def template_environment() -> Environment:
+    return Environment(
+        loader=PackageLoader("spinedet", "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+FIGURES = [
+    ("pr_curves", "Precision–recall curves at IoU 0.5 on the test slices, per class (COCO 101-point "
+                  "interpolation; legend: AP50)."),
+    ("froc", "FROC curves: lesion sensitivity against false positives per test slice (all test slices "
+             "counted, with or without lesions); dots at the operating points averaged into the CPM."),
+    ("examples", f"Example test slices (columns) with ground truth (dashed green) and each model's "
+                 f"detections (rows) with score ≥ {DISPLAY_SCORE}, coloured by class, score above the box."),
+    ("training", "Training loss and validation AP50 per epoch."),
+]
+
+
+def build_report(config: dict, model_names: list[str], results: Path, images_root: Path, out: Path) -> dict:
+    """Read the inputs, draw the figures and write report.html, report.md and summary.csv."""
+    classes = list(config["classes"])
+    models = [read_model_results(results, name) for name in model_names]
+    for model in models:
+        if model["metrics"].get("classes", classes) != classes:
+            raise SpinedetError(f"eval/{model['name']}/metrics.json has classes {model['metrics']['classes']}, "
+                                f"the config says {classes}")
+    test_coco = read_json(results / "split" / "test.json")
+    cohort = read_group_counts(results / "split" / "group_counts.csv")
+    inventory = inventory_rows(read_json(results / "inventory" / "summary.json"))
+    issues = annotation_issue_counts(results / "deid" / "annotation_issues.csv")
+
+    rows = [comparison_row(model, classes) for model in models]
+    figures_dir = out / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    log.info("drawing figures")
+    paths = {
+        "pr_curves": plot_pr_curves(models, classes, figures_dir / "pr_curves.png"),
+        "froc": plot_froc(models, classes, figures_dir / "froc.png"),
+        "examples": plot_examples(models, test_coco, images_root, classes, figures_dir / "test_examples.png"),
+        "training": plot_training(models, figures_dir / "training.png"),
+    }
+    figures = [{"key": key, "number": n + 1, "caption": caption, "file": f"figures/{paths[key].name}",
+                "data_uri": embed_png(paths[key])} for n, (key, caption) in enumerate(FIGURES)]
+
+    first = models[0]["metrics"]
+    context = {
+        "title": "Faster R-CNN detection of cervical disc herniation and spinal cord injury: model comparison",
+        "synthetic": bool(config.get("demo", {}).get("enabled", False)),
+        "classes": [pretty(c) for c in classes],
+        "cohort": cohort,
+        "test": test_set_facts(test_coco, classes),
+        "inventory": inventory,
+        "issues": issues,
+        "rows": [display_row(row, classes) for row in rows],
+        "paper_rows": PAPER_ROWS,
+        "paper_note": PAPER_NOTE,
+        "figures": figures,
+        "evaluation": {
+            "froc_iou": first["froc"]["iou_threshold"],
+            "froc_fps": ", ".join(f"{f:g}" for f in first["froc"]["fps_per_image"]),
+            "bootstrap_draws": first.get("bootstrap", {}).get("draws"),
+            "score_threshold": first.get("score_threshold"),
+            "timing_iterations": models[0]["timing"]["iterations"],
+            "timing_warmup": models[0]["timing"]["warmup"],
+            "batch_size": rows[0]["timing_batch_size"],
+        },
+        "manifest": run_manifest(config, models),
+    }
+    environment = template_environment()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.html").write_text(environment.get_template("report.html").render(context), encoding="utf-8")
+    (out / "report.md").write_text(environment.get_template("report.md").render(context), encoding="utf-8")
+    write_summary_csv(out / "summary.csv", rows)
+    log.info("report written to %s", out)
+    return context
+
+
+def run(args: argparse.Namespace) -> int:
+    from spinedet.config import load
+
+    config = load(args.config)
+    build_report(config, args.models, args.results, args.images, args.out)
+    return 0
