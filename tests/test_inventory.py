@@ -1,0 +1,273 @@
+"""spinedet inventory: every file accounted for, one target series per cohort patient."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from spinedet import SpinedetError
+from spinedet.config import load
+from spinedet.inventory import (
+    build_series,
+    classify_files,
+    inventory,
+    is_target,
+    list_files,
+    read_cohort,
+    read_file,
+    select_series,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SAGITTAL = [0, 1, 0, 0, 0, -1]
+AXIAL = [1, 0, 0, 0, 1, 0]
+CORONAL = [1, 0, 0, 0, 0, -1]
+RULES = {"orientation": "sagittal", "description_pattern": "(?i)(t2|stir)",
+         "exclude_pattern": "(?i)(loc|scout|survey|stir)"}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load([REPO / "config.yaml"])
+
+
+def write_mr(path, patient_id, series_uid, instance, *, iop=SAGITTAL, description="T2 SAG",
+             series_number=3, study_uid="1.2.3.4.5", sop_uid=None):
+    """A small MR image (pydicom's MR_small with new identity and geometry)."""
+    dataset = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    dataset.PatientID = patient_id
+    dataset.StudyInstanceUID = study_uid
+    dataset.SeriesInstanceUID = series_uid
+    dataset.SOPInstanceUID = sop_uid or generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.SeriesDescription = description
+    dataset.SeriesNumber = series_number
+    dataset.InstanceNumber = instance
+    dataset.ImageOrientationPatient = iop
+    dataset.ImagePositionPatient = [float(instance) * 3, 0.0, 0.0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return dataset
+
+
+def write_series(root, patient_id, n, **kwargs):
+    series_uid = kwargs.pop("series_uid", None) or generate_uid()
+    folder = root / patient_id.lower() / series_uid[-6:]
+    for i in range(n):
+        write_mr(folder / f"IM{i:04d}", patient_id, series_uid, i + 1, **kwargs)
+    return series_uid
+
+
+@pytest.fixture
+def export(tmp_path):
+    """A mixed export: good series, distractors and every kind of junk file."""
+    raw = tmp_path / "raw"
+    uids = {
+        "t2": write_series(raw, "PAT1", 4, description="T2 TSE SAG", series_number=3),
+        "t1": write_series(raw, "PAT1", 5, description="T1 TSE SAG", series_number=2),
+        "ax": write_series(raw, "PAT1", 6, description="T2 AX", iop=AXIAL, series_number=4),
+        "stir": write_series(raw, "PAT1", 7, description="STIR SAG", series_number=5),
+        "tie_a": write_series(raw, "PAT2", 3, description="t2_sag", series_number=7),
+        "tie_b": write_series(raw, "PAT2", 3, description="t2_sag", series_number=6),
+        "only_axial": write_series(raw, "PAT3", 3, description="T2 AX", iop=AXIAL),
+    }
+    # A 3-plane localizer: one series, three orientations.
+    loc = generate_uid()
+    for i, iop in enumerate([SAGITTAL, AXIAL, CORONAL]):
+        write_mr(raw / "pat1" / "loc" / f"{i}.dcm", "PAT1", loc, i + 1, iop=iop, description="T2 loc")
+    uids["loc"] = loc
+
+    junk = raw / "junk"
+    junk.mkdir()
+    (junk / "README.txt").write_text("export notes, not an image\n")
+    (junk / "empty").write_bytes(b"")
+    good = raw / "pat1" / uids["t2"][-6:] / "IM0000"
+    data = good.read_bytes()
+    (junk / "truncated.dcm").write_bytes(data[: len(data) - 300])
+    no_pixels = pydicom.dcmread(good)
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = no_pixels.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_pixels.save_as(junk / "nopixels.dcm")
+    no_geometry = pydicom.dcmread(good)
+    del no_geometry.ImagePositionPatient
+    no_geometry.SOPInstanceUID = no_geometry.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_geometry.save_as(junk / "nogeometry.dcm")
+    shutil.copyfile(good, raw / "zz_copy_of_first_image")  # sorts after the original
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), junk / "ct.dcm")
+    shutil.copyfile(Path(get_testdata_file("MR_small.dcm")).parent / "dicomdirtests" / "DICOMDIR",
+                    raw / "DICOMDIR")
+    write_series(raw, "OUTSIDER", 2, description="T2 SAG")
+    # Patient 5 has only a broken file; patient 4 has nothing at all.
+    broken = raw / "pat5" / "IM1"
+    write_mr(broken, "PAT5", generate_uid(), 1)
+    broken.write_bytes(broken.read_bytes()[:-1000])
+
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,group\nPAT1,disc\nPAT2,injured\nPAT3,normal\nPAT4,normal\nPAT5,disc\n")
+    return raw, cohort, uids
+
+
+def test_every_file_is_ok_or_quarantined_with_its_reason(export, config):
+    raw, cohort, _ = export
+    files, _series, _selection, summary = inventory(raw, cohort, config)
+    by_name = {Path(row["path"]).name: row for row in files}
+
+    assert len(files) == len(list_files(raw)) == summary["files_in"]
+    assert summary["files_in"] == summary["ok"] + summary["quarantined"]
+    expected = {
+        "README.txt": "not_dicom",
+        "empty": "not_dicom",
+        "truncated.dcm": "truncated",
+        "nopixels.dcm": "no_pixel_data",
+        "nogeometry.dcm": "missing_attributes",
+        "zz_copy_of_first_image": "duplicate",
+        "ct.dcm": "unsupported_sop_class",
+        "IM1": "truncated",
+    }
+    for name, reason in expected.items():
+        assert (by_name[name]["status"], by_name[name]["reason"]) == ("quarantined", reason), name
+        assert by_name[name]["detail"]
+    outsiders = [row for row in files if row["patient_id"] == "OUTSIDER"]
+    assert len(outsiders) == 2 and {row["reason"] for row in outsiders} == {"not_in_cohort"}
+    assert by_name["DICOMDIR"]["status"] == "ok" and by_name["DICOMDIR"]["kind"] == "dicomdir"
+    duplicate_detail = by_name["zz_copy_of_first_image"]["detail"]
+    assert "IM0000" in duplicate_detail  # names the kept file
+    assert summary["quarantined_by_reason"] == {
+        "duplicate": 1, "missing_attributes": 1, "no_pixel_data": 1, "not_dicom": 2,
+        "not_in_cohort": 2, "truncated": 2, "unsupported_sop_class": 1,
+    }
+    assert summary["ok_by_kind"] == {"dicomdir": 1, "image": summary["ok"] - 1}
+
+
+def test_series_orientation_and_target_selection(export, config):
+    raw, cohort, uids = export
+    _files, series, selection, summary = inventory(raw, cohort, config)
+    by_uid = {s["series_uid"]: s for s in series}
+    assert by_uid[uids["loc"]]["orientation"] == "mixed"
+    assert by_uid[uids["ax"]]["orientation"] == "axial"
+    assert by_uid[uids["t2"]]["orientation"] == "sagittal"
+    assert by_uid[uids["t2"]]["n_slices"] == 4  # the duplicate copy is not a slice
+
+    status = {row["patient_id"]: row for row in selection}
+    assert [row["patient_id"] for row in selection] == ["PAT1", "PAT2", "PAT3", "PAT4", "PAT5"]
+    # STIR has more slices but is excluded; T1 does not match; the localizer is mixed.
+    assert status["PAT1"]["series_uid"] == uids["t2"] and status["PAT1"]["status"] == "selected"
+    assert status["PAT2"]["series_uid"] == uids["tie_b"]  # equal slices: lower series number wins
+    assert status["PAT3"]["status"] == "no_target_series" and "axial" in status["PAT3"]["reason"]
+    assert status["PAT4"]["status"] == "no_files" and "no file" in status["PAT4"]["reason"]
+    assert status["PAT5"]["status"] == "no_files" and "truncated: 1" in status["PAT5"]["reason"]
+    assert [s["selected"] for s in series].count(True) == 2
+    assert summary["patients_selected"] == 2
+    assert summary["patients_without_target"] == 1 and summary["patients_without_files"] == 2
+    assert summary["series_by_orientation"] == {"axial": 2, "mixed": 1, "sagittal": 5}
+
+
+def test_summary_holds_no_identity(export, config):
+    raw, cohort, uids = export
+    files, _series, _selection, summary = inventory(raw, cohort, config)
+    text = json.dumps(summary)
+    for row in files:
+        for column in ("patient_id", "study_uid", "series_uid", "sop_instance_uid", "path"):
+            if row[column]:
+                assert row[column] not in text
+    assert "T2" not in text  # no series descriptions either
+
+
+def test_tie_break_is_independent_of_file_order():
+    series = [
+        {"patient_id": "P", "series_uid": uid, "series_number": number, "orientation": "sagittal",
+         "description": "T2", "n_slices": 5, "selected": False}
+        for uid, number in [("1.9", "4"), ("1.1", "4"), ("1.5", "2")]
+    ]
+    for ordering in (series, series[::-1]):
+        chosen = select_series([dict(s) for s in ordering], [], {"P": "disc"}, RULES)
+        assert chosen[0]["series_uid"] == "1.5"
+    same_number = [s for s in series if s["series_number"] == "4"]
+    assert select_series(same_number, [], {"P": "disc"}, RULES)[0]["series_uid"] == "1.1"
+
+
+def test_rules_come_from_the_config():
+    series = {"orientation": "sagittal", "description": "STIR sag"}
+    assert not is_target(series, RULES)
+    assert is_target(series, {**RULES, "exclude_pattern": None})
+    assert not is_target({**series, "orientation": "axial"}, {**RULES, "exclude_pattern": None})
+    assert is_target({"orientation": "axial", "description": "t2 ax"},
+                     {**RULES, "orientation": "axial"})
+
+
+@pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
+def test_pydicom_truncated_files_are_found(name):
+    assert read_file(Path(get_testdata_file(name)))["reason"] == "truncated"
+
+
+def test_every_cut_of_an_image_is_quarantined(tmp_path):
+    """However a copy is cut short before the pixels end, it never passes as ok."""
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    pixel_end = 9692  # MR_small's pixel data ends here; trailing elements follow
+    cut = tmp_path / "cut"
+    for length in range(0, pixel_end, 37):
+        cut.write_bytes(data[:length])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about some cut values
+            row = read_file(cut)
+        assert row["status"] == "quarantined", length
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "reason"),
+    [
+        ("MR_small.dcm", "ok", ""),
+        ("MR_small_implicit.dcm", "ok", ""),
+        ("MR_small_bigendian.dcm", "ok", ""),
+        ("MR_small_RLE.dcm", "ok", ""),  # compressed pixel data: length not checked
+        ("reportsi.dcm", "quarantined", "unsupported_sop_class"),
+        ("CT_small.dcm", "quarantined", "unsupported_sop_class"),
+    ],
+)
+def test_pydicom_test_files(name, status, reason):
+    row = read_file(Path(get_testdata_file(name)))
+    assert (row["status"], row["reason"]) == (status, reason)
+
+
+def test_files_are_found_at_any_depth_with_any_name(tmp_path):
+    for relative in ["a/b/c/d/e/IM1", "x.dcm", "deep/no extension", "Ä/ü.DCM"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    (tmp_path / ".snakemake_timestamp").write_bytes(b"")  # snakemake's directory() marker: not export
+    (tmp_path / "deep" / ".snakemake_timestamp").write_bytes(b"")  # deeper down it is an export file
+    found = [p.relative_to(tmp_path).as_posix() for p in list_files(tmp_path)]
+    assert found == sorted(found) and len(found) == 5
+
+
+def test_first_copy_in_sorted_path_order_is_kept(tmp_path):
+    uid = generate_uid()
+    write_mr(tmp_path / "b" / "IM1", "P", "1.2.3", 1, sop_uid=uid)
+    shutil.copyfile(tmp_path / "b" / "IM1", tmp_path / "a_copy")
+    rows = classify_files(list_files(tmp_path), {"P": "disc"})
+    assert [(Path(r["path"]).name, r["status"]) for r in rows] == [("a_copy", "ok"),
+                                                                   ("IM1", "quarantined")]
+    assert build_series(rows)[0]["n_slices"] == 1
+
+
+def test_cohort_errors_name_the_line_not_the_patient(tmp_path):
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,group\nSECRET1,disc\nSECRET2,martian\n")
+    with pytest.raises(SpinedetError, match="line 3") as error:
+        read_cohort(cohort, ["disc", "normal"])
+    assert "SECRET" not in str(error.value)
+    cohort.write_text("patient_id,group\nSECRET1,disc\nSECRET1,disc\n")
+    with pytest.raises(SpinedetError, match="listed twice"):
+        read_cohort(cohort, ["disc"])
+    cohort.write_text("id,group\n")
+    with pytest.raises(SpinedetError, match="patient_id"):
+        read_cohort(cohort, ["disc"])
+
+
+def test_missing_raw_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SpinedetError, match="raw export folder not found"):
+        list_files(tmp_path / "nowhere")
