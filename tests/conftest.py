@@ -1,0 +1,26 @@
+"""Shared fixtures.
+
+`smoke_export`: a small synthetic hospital export (6 patients, matrix 128),
+written once per test session. Its root holds DICOM/, annotations.csv,
+cohort.csv, truth/ (read with `spinedet.synthesize.load_truth`) and
+preview.png. Treat it as read-only: copy it before changing anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SMOKE_PATIENTS = 6
+SMOKE_MATRIX = 128
+SMOKE_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def smoke_export(tmp_path_factory) -> Path:
+    from spinedet.synthesize import synthesize
+
+    root = tmp_path_factory.mktemp("smoke_export")
+    synthesize(root, patients=SMOKE_PATIENTS, matrix=SMOKE_MATRIX, seed=SMOKE_SEED, preview=root / "preview.png")
+    return root
