@@ -1,0 +1,223 @@
+"""Detector registry: both architectures build, run, and load weights without a network."""
+
+import math
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from spinedet import SpinedetError
+from spinedet.models import (
+    ARCHITECTURES,
+    GrayscaleRCNNTransform,
+    build_model,
+    count_parameters,
+    load_trained,
+)
+
+torch.set_num_threads(1)
+
+RESNET = {"arch": "fasterrcnn_resnet50_fpn", "pretrained": "none", "anchor_sizes": [[16], [32], [64], [128], [256]]}
+VGG = {"arch": "fasterrcnn_vgg16", "pretrained": "none", "anchor_sizes": [[16, 32, 64, 128]]}
+CONFIGS = {"fasterrcnn_resnet50_fpn": RESNET, "fasterrcnn_vgg16": VGG}
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch, tmp_path):
+    """An empty TORCH_HOME and no network: any download attempt fails loudly."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError(f"network disabled in tests ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_registry_has_both_architectures():
+    assert set(CONFIGS) <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_build_model_heads_and_native_size(arch):
+    model = build_model(CONFIGS[arch], num_classes=3, image_size=128)
+    assert isinstance(model, FasterRCNN)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 3 * 4
+    # No resampling: the slice's native size is both min and max size.
+    assert isinstance(model.transform, GrayscaleRCNNTransform)
+    assert tuple(model.transform.min_size) == (128,)
+    assert model.transform.max_size == 128
+    counts = count_parameters(model)
+    assert 0 < counts["trainable"] <= counts["total"]
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_vgg16_backbone_is_conv5_3_at_stride_16():
+    model = build_model(VGG, num_classes=3, image_size=128)
+    backbone = model.backbone
+    convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 13
+    assert isinstance(backbone[-1], torch.nn.ReLU)  # conv5_3 + ReLU, last max-pool dropped
+    assert backbone.out_channels == 512
+    features = backbone(torch.zeros(1, 3, 128, 96))
+    assert features.shape == (1, 512, 128 // 16, 96 // 16)
+    # One feature map, 4 sizes x 3 aspect ratios per location.
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [12]
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0"]
+    assert model.roi_heads.box_roi_pool.output_size == (7, 7)
+
+
+def test_resnet50_fpn_has_five_levels():
+    model = build_model(RESNET, num_classes=3, image_size=128)
+    features = model.backbone(torch.zeros(1, 3, 128, 128))
+    assert [f.shape[-1] for f in features.values()] == [32, 16, 8, 4, 2]
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
+
+
+def test_anchor_levels_must_match_feature_maps():
+    with pytest.raises(SpinedetError, match="anchor_sizes"):
+        build_model({**VGG, "anchor_sizes": [[16], [32]]}, num_classes=3, image_size=128)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(SpinedetError, match="unknown architecture 'yolo'"):
+        build_model({**VGG, "arch": "yolo"}, num_classes=3, image_size=128)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_forward_train_and_eval_on_grayscale(arch):
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[arch], num_classes=3, image_size=128)
+    images = [torch.rand(1, 96, 128), torch.rand(1, 96, 128)]
+    targets = [
+        {"boxes": torch.tensor([[20.0, 30.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # a negative slice
+    ]
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
+    sum(losses.values()).backward()
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model([torch.rand(1, 64, 64)])
+    assert len(outputs) == 1
+    assert outputs[0]["boxes"].shape[1:] == (4,)
+    assert len(outputs[0]["boxes"]) == len(outputs[0]["scores"]) == len(outputs[0]["labels"])
+    if len(outputs[0]["boxes"]):
+        assert outputs[0]["boxes"].max() <= 64  # boxes come back in input pixels
+
+
+def test_grayscale_transform_repeats_the_channel():
+    model = build_model(RESNET, num_classes=3, image_size=64)
+    batch, _ = model.transform([torch.full((1, 64, 64), 0.5)])
+    assert batch.tensors.shape == (1, 3, 64, 64)
+    assert torch.allclose(batch.tensors[0, 0], batch.tensors[0, 2])
+
+
+def test_resnet50_loads_local_backbone_state_dict(tmp_path):
+    torch.manual_seed(1)
+    saved = torchvision.models.resnet50(weights=None).state_dict()
+    path = tmp_path / "resnet50_backbone.pth"
+    torch.save(saved, path)
+    model = build_model({**RESNET, "pretrained": str(path)}, num_classes=3, image_size=128)
+    body = model.backbone.body.state_dict()
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer4.2.bn3.running_var", "layer4.2.conv3.weight"):
+        assert torch.equal(body[key], saved[key]), key
+    # Pretrained weights follow torchvision: frozen batch norm, conv1 and layer1 frozen.
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    assert not model.backbone.body.conv1.weight.requires_grad
+    assert model.backbone.body.layer4[0].conv1.weight.requires_grad
+
+
+def test_vgg16_loads_local_backbone_state_dict(tmp_path):
+    torch.manual_seed(2)
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    # The layout of torchvision's vgg16().state_dict(), without the (ignored) classifier.
+    saved = {f"features.{k}": v for k, v in features.state_dict().items()}
+    path = tmp_path / "vgg16_backbone.pth"
+    torch.save(saved, path)
+    model = build_model({**VGG, "pretrained": str(path)}, num_classes=3, image_size=128)
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == {k.removeprefix("features.") for k in saved} - {"30.weight", "30.bias"}
+    for key, value in loaded.items():
+        assert torch.equal(value, saved[f"features.{key}"]), key
+    assert not model.backbone[0].weight.requires_grad  # conv1_1 frozen on pretrained weights
+    assert model.backbone[28].weight.requires_grad  # conv5_3 trains
+
+
+def test_state_dict_of_another_network_is_refused(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    with pytest.raises(SpinedetError, match="do not fit the backbone"):
+        build_model({**VGG, "pretrained": str(path)}, num_classes=3, image_size=128)
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SpinedetError, match="neither 'none', 'imagenet' nor an existing"):
+        build_model({**RESNET, "pretrained": str(tmp_path / "nope.pth")}, num_classes=3, image_size=128)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_imagenet_without_cache_or_network_is_a_clear_error(arch, tmp_path):
+    with pytest.raises(SpinedetError) as caught:
+        build_model({**CONFIGS[arch], "pretrained": "imagenet"}, num_classes=3, image_size=128)
+    message = str(caught.value)
+    assert "pretrained: imagenet" in message
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in message
+    assert "could not be downloaded" in message
+    assert not any((tmp_path / "torch_home" / "hub" / "checkpoints").glob("*"))  # no partial file left
+
+
+def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path):
+    torch.manual_seed(3)
+    saved = torchvision.models.resnet50(weights=None).state_dict()
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(saved, cache / Path(url).name)
+    model = build_model({**RESNET, "pretrained": "imagenet"}, num_classes=3, image_size=128)
+    assert torch.equal(model.backbone.body.layer2[0].conv2.weight, saved["layer2.0.conv2.weight"])
+
+
+@pytest.mark.parametrize("pretrained", ["none", "imagenet"])
+def test_load_trained_round_trip(tmp_path, pretrained):
+    torch.manual_seed(4)
+    # An imagenet-configured model builds with frozen batch norm; load_trained
+    # must rebuild that structure without fetching any weights.
+    model_cfg = {**RESNET, "pretrained": pretrained}
+    model = build_model(model_cfg, num_classes=3, image_size=64, load_weights=False)
+    path = tmp_path / "best.pt"
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_name": "resnet50",
+            "model_config": model_cfg,
+            "classes": ["disc_herniation", "cord_injury"],
+            "image_size": 64,
+            "epoch": 3,
+            "val_ap50": 0.5,
+        },
+        path,
+    )
+    loaded, meta = load_trained(path)
+    assert not loaded.training
+    assert meta["classes"] == ["disc_herniation", "cord_injury"]
+    assert meta["epoch"] == 3 and meta["image_size"] == 64 and meta["model_name"] == "resnet50"
+    assert "model" not in meta
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_load_trained_rejects_other_files(tmp_path):
+    with pytest.raises(SpinedetError, match="not found"):
+        load_trained(tmp_path / "missing.pt")
+    path = tmp_path / "other.pt"
+    torch.save({"weights": 1}, path)
+    with pytest.raises(SpinedetError, match="not a spinedet best.pt"):
+        load_trained(path)

@@ -1,0 +1,290 @@
+"""`spinedet predict`: DICOM or NIfTI in, detections with boxes mapped back to
+the DICOM pixels of the source instance, overlays out."""
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import pytest
+import torch
+from PIL import Image
+
+from spinedet import SpinedetError
+from spinedet.geometry import pixel_box_to_voxel_box
+from spinedet.inventory import list_files, read_file
+from spinedet.predict import convert_series, predict, read_series
+from spinedet.slices import map_box, to_canonical
+
+torch.set_num_threads(1)
+
+CLASSES = ["disc_herniation", "cord_injury"]
+CONFIG = {
+    "classes": CLASSES,
+    "train": {"device": "cpu", "threads": 1},
+    "slices": {"window_percentiles": [1.0, 99.0]},
+    "inventory": {
+        "orientation": "sagittal",
+        "description_pattern": "(?i)(t2|stir)",
+        "exclude_pattern": "(?i)(loc|scout|survey|stir)",
+    },
+}
+META = {"classes": CLASSES, "image_size": 128, "model_name": "replay", "model_config": {"arch": "none"}, "epoch": 1}
+
+
+class ReplayModel(torch.nn.Module):
+    """Stands in for a detector: returns given boxes on given slices (called once per slice, in order)."""
+
+    def __init__(self, boxes_by_slice: dict[int, list[tuple[list[float], int]]]):
+        super().__init__()
+        self.boxes_by_slice = boxes_by_slice
+        self.roi_heads = SimpleNamespace(score_thresh=0.05)
+        self.calls = 0
+        self.shapes = []
+
+    def forward(self, images):
+        self.shapes.append(tuple(images[0].shape))
+        found = self.boxes_by_slice.get(self.calls, [])
+        self.calls += 1
+        return [
+            {
+                "boxes": torch.tensor([box for box, _ in found], dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor([label for _, label in found], dtype=torch.int64),
+                "scores": torch.full((len(found),), 0.9),
+            }
+        ]
+
+
+def study_truth(export: Path, series_uid: str, rows: list[dict], headers: list[dict], work: Path) -> SimpleNamespace:
+    """One annotated study: its folder, annotation rows and the canonical boxes the
+    slices stage would make of them (deidentify's and slices' own mappings)."""
+    files = {h["sop_instance_uid"]: h for h in headers if h.get("series_uid") == series_uid}
+    # The patient's top folder holds the whole study (T1, axials, localizer too).
+    first = Path(next(iter(files.values()))["path"]).relative_to(export / "DICOM")
+    study_folder = export / "DICOM" / first.parts[0]
+    series, series_files = read_series(study_folder, CONFIG["inventory"])
+    assert series["series_uid"] == series_uid
+    nifti = convert_series(series, series_files, work)
+    image = nib.load(nifti)
+    volume = to_canonical(image)
+    canonical = []
+    for row in rows:
+        instance = files[row["sop_instance_uid"]]
+        voxel_box = pixel_box_to_voxel_box(
+            [float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max")],
+            json.loads(instance["image_position"]),
+            json.loads(instance["image_orientation"]),
+            json.loads(instance["pixel_spacing"]),
+            image.affine,
+            shape=image.shape,
+        )
+        box = {"label": row["label"], **voxel_box.as_dict()}
+        canonical.append(map_box(box, voxel_box.slice_axis, volume.old_to_new))
+    saved_nifti = work / "study.nii.gz"
+    saved_nifti.write_bytes(Path(nifti).read_bytes())
+    return SimpleNamespace(
+        folder=study_folder, rows=rows, canonical=canonical, nifti=saved_nifti, n_slices=volume.data.shape[0]
+    )
+
+
+@pytest.fixture(scope="module")
+def lesion_studies(smoke_export, tmp_path_factory) -> list[SimpleNamespace]:
+    """Every annotated study of the smoke export (their geometries differ: flips, obliques, slice order)."""
+    with (smoke_export / "annotations.csv").open() as fh:
+        annotations = list(csv.DictReader(fh))
+    headers = [{**read_file(path), "path": path.as_posix()} for path in list_files(smoke_export / "DICOM")]
+    studies = []
+    for series_uid in dict.fromkeys(row["series_uid"] for row in annotations):
+        rows = [row for row in annotations if row["series_uid"] == series_uid]
+        studies.append(study_truth(smoke_export, series_uid, rows, headers, tmp_path_factory.mktemp("predict_truth")))
+    assert len(studies) >= 2
+    return studies
+
+
+@pytest.fixture(scope="module")
+def lesion_study(lesion_studies) -> SimpleNamespace:
+    return lesion_studies[0]
+
+
+def replay_truth(canonical) -> ReplayModel:
+    boxes = {}
+    for box in canonical:
+        label = CLASSES.index(box.label) + 1
+        boxes.setdefault(box.slice_index, []).append(([box.x_min, box.y_min, box.x_max, box.y_max], label))
+    return ReplayModel(boxes)
+
+
+def test_dicom_boxes_map_back_to_the_annotated_instances(lesion_studies, tmp_path):
+    """Canonical boxes of the annotations, fed through predict, come back as the annotation rows."""
+    for number, study in enumerate(lesion_studies):
+        model = replay_truth(study.canonical)
+        out = tmp_path / f"prediction-{number}"
+        result = predict(CONFIG, None, study.folder, out, score_threshold=0.5, model=model, meta=META)
+        assert model.calls == study.n_slices  # every slice searched
+        assert all(shape[0] == 1 for shape in model.shapes)  # grayscale slices, as in training
+        assert result["input"]["kind"] == "dicom" and result["input"]["slices"] == study.n_slices
+
+        assert len(result["detections"]) == len(study.rows)
+        truth = sorted(zip(study.rows, study.canonical), key=lambda pair: (pair[1].slice_index, pair[1].x_min))
+        detections = sorted(result["detections"], key=lambda det: (det["slice_index"], det["box"][0]))
+        for det, (row, box) in zip(detections, truth):
+            assert det["label"] == row["label"] and det["slice_index"] == box.slice_index
+            assert det["box"] == pytest.approx([box.x_min, box.y_min, box.x_max, box.y_max], abs=0.01)
+            dicom = det["dicom"]
+            assert dicom["sop_instance_uid"] == row["sop_instance_uid"]
+            assert dicom["instance_number"] == int(row["instance_number"])
+            for key in ("x_min", "y_min", "x_max", "y_max"):
+                assert dicom[key] == pytest.approx(float(row[key]), abs=0.02), key
+
+        written = json.loads((out / "detections.json").read_text())
+        assert written["detections"] == result["detections"]
+        overlays = sorted((out / "overlays").glob("slice-*.png"))
+        assert len(overlays) == study.n_slices
+    with Image.open(overlays[study.canonical[0].slice_index]) as overlay:
+        assert overlay.mode == "RGB" and min(overlay.size) >= 128
+        assert not {k for k in overlay.info if k not in ("dpi", "gamma")}  # no text chunks
+
+
+def test_nifti_input_gives_canonical_boxes_only(lesion_study, tmp_path):
+    model = replay_truth(lesion_study.canonical)
+    result = predict(CONFIG, None, lesion_study.nifti, tmp_path, score_threshold=0.5, model=model, meta=META)
+    assert result["input"]["kind"] == "nifti"
+    assert len(result["detections"]) == len(lesion_study.rows)
+    assert all("dicom" not in det for det in result["detections"])
+
+
+def test_score_threshold_filters(lesion_study, tmp_path):
+    model = replay_truth(lesion_study.canonical)
+    result = predict(CONFIG, None, lesion_study.nifti, tmp_path, score_threshold=0.95, model=model, meta=META)
+    assert result["detections"] == []
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == lesion_study.n_slices
+
+
+def test_input_that_is_neither_dicom_nor_nifti(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(SpinedetError, match="no readable MR image"):
+        predict(CONFIG, None, tmp_path / "empty", tmp_path / "out", model=ReplayModel({}), meta=META)
+    with pytest.raises(SpinedetError, match="not a DICOM folder nor"):
+        predict(CONFIG, None, tmp_path / "missing.nii.gz", tmp_path / "out", model=ReplayModel({}), meta=META)
+
+
+def test_output_inside_results_is_refused(lesion_study, tmp_path):
+    config = {**CONFIG, "results": str(tmp_path / "results")}
+    with pytest.raises(SpinedetError, match="must never enter results/"):
+        predict(config, None, lesion_study.nifti, tmp_path / "results" / "predict", model=ReplayModel({}), meta=META)
+    assert not (tmp_path / "results").exists()
+
+
+# --------------------------------------------------------------------------
+# Convergence: a detector trained here finds the lesions of a study (slow)
+
+E2E_PATIENTS = 4
+E2E_MATRIX = 256
+E2E_EPOCHS = 12
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.slow
+def test_trained_model_finds_the_lesions_of_its_study(tmp_path):
+    """Synthetic export -> ingest -> slices -> train -> predict on the raw DICOM of a
+    training patient: one of its 5 best boxes lies on an annotated instance with IoU >= 0.5.
+
+    This checks that predict prepares slices exactly as training saw them and maps
+    boxes back to DICOM pixels; it is not a generalisation test (evaluate does that).
+    """
+    import yaml
+
+    from spinedet.cli import main
+    from spinedet.config import load
+    from spinedet.split import merge_cocos
+    from spinedet.synthesize import synthesize
+    from spinedet.train import train_model
+
+    export, results, restricted = tmp_path / "export", tmp_path / "results", tmp_path / "restricted"
+    synthesize(export, patients=E2E_PATIENTS, matrix=E2E_MATRIX, seed=5)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "raw": str(export / "DICOM"),
+                "annotations": str(export / "annotations.csv"),
+                "cohort": str(export / "cohort.csv"),
+                "results": str(results),
+                "restricted": str(restricted),
+                "demo": {"enabled": False},
+                "slices": {"mode": "mid", "half_width": 1},
+                "train": {"threads": 1},
+                "models": {
+                    "resnet50": {
+                        "arch": "fasterrcnn_resnet50_fpn",
+                        "epochs": E2E_EPOCHS,
+                        "batch_size": 2,
+                        "lr": 0.02,
+                        "warmup_iters": 10,
+                        # The synthetic lesions are 5-20 px at 256 px: anchors from 8 px.
+                        "anchor_sizes": [[8], [16], [32], [64], [128]],
+                    }
+                },
+            }
+        )
+    )
+    config = ["--config", str(config_path)]
+    inventory = restricted / "inventory"
+    for argv in (
+        ["inventory", *config, "--raw", str(export / "DICOM"), "--cohort", str(export / "cohort.csv"),
+         "--out", str(inventory), "--summary", str(results / "inventory" / "summary.json")],
+        ["convert", *config, "--series", str(inventory / "series.csv"), "--selection",
+         str(inventory / "selection.csv"), "--out", str(restricted / "convert")],
+        ["deidentify", *config, "--conversions", str(restricted / "convert" / "conversions.csv"),
+         "--files", str(inventory / "files.csv"), "--selection", str(inventory / "selection.csv"),
+         "--annotations", str(export / "annotations.csv"), "--restricted", str(restricted),
+         "--out", str(results / "deid")],
+    ):  # fmt: skip
+        assert main(argv) == 0, argv[0]
+    for subject in sorted(p.name for p in (results / "deid").glob("sub-*")):
+        volume = results / "deid" / subject / "anat" / f"{subject}_T2w.nii.gz"
+        boxes = results / "deid" / subject / f"{subject}_boxes.json"
+        argv = ["slices", *config, "--volume", str(volume), "--boxes", str(boxes), "--out", str(results / "slices")]
+        assert main(argv) == 0, subject
+
+    cocos = {p.parent.name: json.loads(p.read_text()) for p in sorted((results / "slices").glob("sub-*/coco.json"))}
+    categories = next(iter(cocos.values()))["categories"]
+    train_json, val_json = tmp_path / "train.json", tmp_path / "val.json"
+    train_json.write_text(json.dumps(merge_cocos(list(cocos.values()), categories, "train")))
+    subject = max(cocos, key=lambda s: len(cocos[s]["annotations"]))  # the study to predict on
+    val_json.write_text(json.dumps(merge_cocos([cocos[subject]], categories, "val")))
+    settings = load([config_path])
+    model_dir = tmp_path / "model"
+    assert train_model(settings, "resnet50", train_json, val_json, results / "slices", model_dir) == 0
+
+    # Back to the raw export: the patient's study folder and annotation rows.
+    with (restricted / "pseudonyms.csv").open() as fh:
+        patient_id = next(row["patient_id"] for row in csv.DictReader(fh) if f"sub-{row['pseudonym']}" == subject)
+    with (inventory / "files.csv").open() as fh:
+        paths = [Path(row["path"]) for row in csv.DictReader(fh) if row["patient_id"] == patient_id]
+    study_folder = export / "DICOM" / paths[0].relative_to(export / "DICOM").parts[0]
+    with (export / "annotations.csv").open() as fh:
+        annotated = {}
+        for row in csv.DictReader(fh):
+            annotated.setdefault(row["sop_instance_uid"], []).append(
+                [float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
+            )
+
+    # A short CPU training gives low but well-ranked scores: look at the study's top 5.
+    result = predict(settings, model_dir / "best.pt", study_folder, tmp_path / "prediction", score_threshold=0.05)
+    top = sorted(result["detections"], key=lambda det: -det["score"])[:5]
+    ious = [
+        box_iou([det["dicom"][k] for k in ("x_min", "y_min", "x_max", "y_max")], truth)
+        for det in top
+        if det.get("dicom") and det["dicom"]["sop_instance_uid"] in annotated
+        for truth in annotated[det["dicom"]["sop_instance_uid"]]
+    ]
+    assert ious and max(ious) >= 0.5, (ious, top)

@@ -1,0 +1,330 @@
+"""`spinedet predict`: detect lesions in a new study with a trained model.
+
+The input is one DICOM series folder (or a folder holding a study: the
+target series is then chosen by the config's `inventory:` rules, as for
+training) or a NIfTI volume. Slices are prepared exactly as for training:
+DICOM goes through dcm2niix like `spinedet convert`, the volume is turned to
+the canonical sagittal orientation and windowed like `spinedet slices`.
+Every slice of the volume is searched.
+
+Output in --out:
+- detections.json: per detection the slice index, the box [x_min, y_min,
+  x_max, y_max] on the canonical slice (pixel edges; anterior left,
+  superior up), label and score; for DICOM input also the box in DICOM
+  pixel coordinates (column, row) of the source instance, with its
+  SOPInstanceUID and InstanceNumber.
+- overlays/slice-KK.png: every slice with its boxes and scores.
+
+This is clinical output for the patient's record, not a study result: it
+may carry DICOM UIDs, so keep it out of results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from spinedet import SpinedetError
+
+log = logging.getLogger(__name__)
+
+CANONICAL_ORIENTATION = (
+    "sagittal slices, index 0 = the patient's leftmost; image rows run superior to inferior, "
+    "columns anterior to posterior; boxes are pixel edges [x_min, y_min, x_max, y_max]"
+)
+CLASS_COLOURS = [(255, 64, 64), (64, 192, 255), (255, 208, 64), (128, 255, 128)]
+OVERLAY_MIN_SIDE = 512
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Detect lesions in a new DICOM series (or study folder) or NIfTI volume. The output is "
+        "clinical: detections.json may contain DICOM UIDs of the input, so keep it with the "
+        "patient's record and out of results/."
+    )
+    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
+    parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="DICOM series (or study) folder, or a .nii/.nii.gz volume"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (detections.json, overlays/); may hold UIDs"
+    )
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (default 0.5)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: config train.threads)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from spinedet.config import load
+
+    config = load(args.config)
+    result = predict(config, args.weights, args.input, args.out, args.score_threshold, args.threads)
+    log.info("%d detections on %d slices; see %s", len(result["detections"]), result["input"]["slices"], args.out)
+    return 0
+
+
+# ---------------------------------------------------------------- input
+
+
+def is_nifti(path: Path) -> bool:
+    return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
+
+
+def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
+    """(series row, its image file rows) of the target series under `folder`.
+
+    One series: that one. Several: the one the inventory rules would select.
+    """
+    from spinedet.inventory import build_series, is_target, list_files, read_file
+
+    rows, seen = [], set()
+    for path in tqdm(list_files(folder), desc="read headers", unit="file"):
+        row = {**read_file(path), "path": path.as_posix()}
+        if row["status"] == "ok" and row.get("kind") == "image" and row["sop_instance_uid"] not in seen:
+            seen.add(row["sop_instance_uid"])
+            rows.append(row)
+    series = build_series(rows)
+    if not series:
+        raise SpinedetError(f"{folder}: no readable MR image (see `spinedet inventory` for the reasons)")
+    if len(series) > 1:
+        targets = [s for s in series if is_target(s, rules)]
+        if not targets:
+            found = "; ".join(f"{s['orientation']} {s['description']!r} ({s['n_slices']} images)" for s in series)
+            raise SpinedetError(
+                f"{folder} holds {len(series)} series and none meets the inventory rules: {found}. "
+                "Point --input at the one series folder to use."
+            )
+        series = sorted(targets, key=lambda s: -s["n_slices"])
+    chosen = series[0]
+    log.info("series %r: %s, %d images", chosen["description"], chosen["orientation"], chosen["n_slices"])
+    if chosen["orientation"] != "sagittal":
+        log.warning("the series is %s; the detectors were trained on sagittal slices", chosen["orientation"])
+    return chosen, [r for r in rows if r["series_uid"] == chosen["series_uid"]]
+
+
+def convert_series(series: dict, files: list[dict], work_dir: Path) -> Path:
+    """dcm2niix, exactly as `spinedet convert` runs it; the NIfTI path."""
+    from spinedet.convert import run_dcm2niix
+
+    result = run_dcm2niix(
+        [Path(f["path"]) for f in files],
+        work_dir / "nifti",
+        work_dir=work_dir,
+        pixels_per_file=int(series["rows"]) * int(series["columns"]),
+    )
+    if result["status"] != "converted":
+        raise SpinedetError(f"dcm2niix could not convert the series: {result['message']}")
+    return Path(result["nifti"])
+
+
+def prepare_volume(nifti: Path, window_percentiles: list[float]):
+    """(original NIfTI affine, CanonicalVolume, uint8 canonical slices) as `spinedet slices` makes them."""
+    from spinedet.slices import to_canonical, window_to_uint8
+
+    try:
+        image = nib.load(nifti)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise SpinedetError(f"cannot read volume {nifti}: {exc}") from exc
+    volume = to_canonical(image)
+    return image.affine, volume, window_to_uint8(volume.data, list(window_percentiles))
+
+
+# ---------------------------------------------------------------- geometry
+
+
+class InstanceLocator:
+    """Maps canonical slice boxes back to the DICOM instance they lie on."""
+
+    def __init__(self, files: list[dict], nifti_affine: np.ndarray, canonical_to_volume: np.ndarray):
+        from spinedet.geometry import slice_normal
+
+        self.instances = [
+            {
+                "sop_instance_uid": f["sop_instance_uid"],
+                "instance_number": int(float(f["instance_number"])) if f["instance_number"] else None,
+                "ipp": json.loads(f["image_position"]),
+                "iop": json.loads(f["image_orientation"]),
+                "pixel_spacing": json.loads(f["pixel_spacing"]),
+            }
+            for f in files
+        ]
+        self.nifti_affine = np.asarray(nifti_affine, dtype=float)
+        self.canonical_to_volume = np.asarray(canonical_to_volume, dtype=float)
+        normal = slice_normal(self.instances[0]["iop"])
+        positions = np.sort([float(np.dot(normal, i["ipp"])) for i in self.instances])
+        gaps = np.diff(positions)
+        # A point belongs to an instance when it lies within half the slice spacing of its plane.
+        self.tolerance_mm = float(gaps[gaps > 0].min() / 2) if np.any(gaps > 0) else 1.0
+
+    def to_dicom(self, slice_index: int, box: list[float]) -> dict | None:
+        """The box on the DICOM instance holding canonical slice `slice_index`, or None."""
+        from spinedet.geometry import voxel_to_pixel
+
+        x_min, y_min, x_max, y_max = box
+        # Canonical voxel axes: 0 = slice, 1 = image row (y), 2 = image column (x); corners as pixel centres.
+        corners = np.array(
+            [[slice_index, y - 0.5, x - 0.5, 1.0] for x in (x_min, x_max) for y in (y_min, y_max)]
+        )
+        volume_voxels = (self.canonical_to_volume @ corners.T).T[:, :3]
+        best, best_offset, best_pixels = None, np.inf, None
+        for instance in self.instances:
+            pixels = voxel_to_pixel(
+                volume_voxels, instance["ipp"], instance["iop"], instance["pixel_spacing"], self.nifti_affine
+            )
+            offset = float(np.abs(pixels[:, 2]).max())
+            if offset < best_offset:
+                best, best_offset, best_pixels = instance, offset, pixels
+        if best is None or best_offset > self.tolerance_mm:
+            return None
+        return {
+            "sop_instance_uid": best["sop_instance_uid"],
+            "instance_number": best["instance_number"],
+            "x_min": round(float(best_pixels[:, 0].min()) + 0.5, 3),
+            "y_min": round(float(best_pixels[:, 1].min()) + 0.5, 3),
+            "x_max": round(float(best_pixels[:, 0].max()) + 0.5, 3),
+            "y_max": round(float(best_pixels[:, 1].max()) + 0.5, 3),
+        }
+
+
+# ---------------------------------------------------------------- detection
+
+
+@torch.inference_mode()
+def detect_slices(
+    model, slices: np.ndarray, classes: list[str], device: torch.device, score_threshold: float
+) -> list[dict]:
+    """Detections on every uint8 canonical slice (n, H, W), in canonical pixel edges."""
+    model.eval()
+    model.roi_heads.score_thresh = min(float(model.roi_heads.score_thresh), score_threshold)
+    detections = []
+    for slice_index in tqdm(range(len(slices)), desc="predict", unit="slice"):
+        image = torch.from_numpy(slices[slice_index].astype(np.float32) / 255.0)[None].to(device)
+        with torch.autocast(device_type="cuda", enabled=device.type == "cuda"):
+            output = model([image])[0]
+        boxes = output["boxes"].float().cpu().tolist()
+        scores = output["scores"].float().cpu().tolist()
+        for box, score, label in zip(boxes, scores, output["labels"].cpu().tolist()):
+            if score >= score_threshold:
+                detections.append(
+                    {
+                        "slice_index": slice_index,
+                        "label": classes[label - 1],
+                        "score": round(score, 4),
+                        "box": [round(v, 2) for v in box],
+                    }
+                )
+    return detections
+
+
+def write_overlay(path: Path, pixels: np.ndarray, detections: list[dict], classes: list[str]) -> None:
+    """The slice, enlarged to be readable, with each box and its label and score."""
+    scale = max(1, int(np.ceil(OVERLAY_MIN_SIDE / max(pixels.shape))))
+    image = Image.fromarray(pixels).convert("RGB").resize(
+        (pixels.shape[1] * scale, pixels.shape[0] * scale), Image.Resampling.NEAREST
+    )
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, 4 * scale))
+    for det in detections:
+        colour = CLASS_COLOURS[classes.index(det["label"]) % len(CLASS_COLOURS)]
+        x0, y0, x1, y1 = (v * scale for v in det["box"])
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, scale // 2))
+        draw.text((x0, max(0, y0 - 5 * scale)), f"{det['label']} {det['score']:.2f}", fill=colour, font=font)
+    image.save(path, format="PNG")
+
+
+def predict(
+    config: dict,
+    weights: Path,
+    input_path: Path,
+    out: Path,
+    score_threshold: float = 0.5,
+    threads: int | None = None,
+    model=None,
+    meta: dict | None = None,
+) -> dict:
+    """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`."""
+    from spinedet.models import load_trained
+    from spinedet.train import resolve_device
+
+    input_path, out = Path(input_path), Path(out)
+    if config.get("results") and out.resolve().is_relative_to(Path(config["results"]).resolve()):
+        raise SpinedetError(
+            f"--out {out} lies inside the study's results folder {config['results']}: predictions may "
+            "carry DICOM UIDs, which must never enter results/; choose another folder"
+        )
+    device = resolve_device(config.get("train", {}).get("device", "auto"))
+    if device.type == "cpu":
+        torch.set_num_threads(int(threads or config.get("train", {}).get("threads", 1)))
+    if model is None:
+        model, meta = load_trained(weights, device)
+    classes = list(meta["classes"])
+    window = config["slices"]["window_percentiles"]
+
+    with tempfile.TemporaryDirectory(prefix="spinedet-predict-") as tmp:
+        if is_nifti(input_path):
+            kind, locator = "nifti", None
+            affine, volume, slices = prepare_volume(input_path, window)
+        elif input_path.is_dir():
+            kind = "dicom"
+            series, files = read_series(input_path, config["inventory"])
+            # dcm2niix's sidecar carries identity: it lives and dies in the temporary folder.
+            affine, volume, slices = prepare_volume(convert_series(series, files, Path(tmp)), window)
+            locator = InstanceLocator(files, affine, np.linalg.inv(volume.old_to_new))
+        else:
+            raise SpinedetError(f"--input {input_path}: not a DICOM folder nor a .nii/.nii.gz file")
+
+    if max(slices.shape[1:]) != int(meta["image_size"]):
+        log.warning(
+            "slices are %dx%d px, the model was trained on %d px: it resizes them",
+            slices.shape[2], slices.shape[1], meta["image_size"],
+        )
+    detections = detect_slices(model, slices, classes, device, score_threshold)
+    if locator is not None:
+        for det in detections:
+            det["dicom"] = locator.to_dicom(det["slice_index"], det["box"])
+            if det["dicom"] is None:
+                log.warning("slice %d: no DICOM instance lies on this slice; box kept without it", det["slice_index"])
+
+    overlays = out / "overlays"
+    overlays.mkdir(parents=True, exist_ok=True)
+    for stale in overlays.glob("slice-*.png"):
+        stale.unlink()
+    by_slice = defaultdict(list)
+    for det in detections:
+        by_slice[det["slice_index"]].append(det)
+    digits = max(2, len(str(len(slices) - 1)))
+    for index, pixels in enumerate(slices):
+        write_overlay(overlays / f"slice-{index:0{digits}d}.png", pixels, by_slice[index], classes)
+
+    result = {
+        "note": "clinical output: may contain DICOM UIDs of the input; keep it out of results/",
+        "model": {
+            "name": meta.get("model_name"),
+            "arch": meta.get("model_config", {}).get("arch"),
+            "epoch": meta.get("epoch"),
+            "classes": classes,
+        },
+        "score_threshold": score_threshold,
+        "input": {
+            "kind": kind,
+            "slices": int(len(slices)),
+            "height": int(slices.shape[1]),
+            "width": int(slices.shape[2]),
+            "orientation": CANONICAL_ORIENTATION,
+        },
+        "detections": detections,
+    }
+    (out / "detections.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

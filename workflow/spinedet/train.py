@@ -1,0 +1,617 @@
+"""`spinedet train`: train one detector on the train split, validate each epoch
+(COCO AP50 on the val split), keep the best weights. Resumable.
+
+Layout of --out (e.g. results/models/resnet50):
+- state/checkpoint.pt  last finished epoch: model, optimizer, lr_scheduler,
+                       scaler, epoch, RNG states, config, the log rows so far
+- state/best.pt        best weights so far (see `best_weights`)
+- state/train_log.csv  one row per finished epoch
+- best.pt, train_log.csv  copies of the state/ files, written at the end
+- anchors.json         training-set lesion sizes against the anchor sizes
+
+state/ is not a declared Snakemake output, so a rerun of a killed or
+preempted job keeps it and resumes at the epoch after the last checkpoint
+(a checkpoint made with another model config or training set is ignored).
+Checkpoints are written to a temporary file and renamed, and SIGTERM only
+asks the loop to stop before its next training iteration (exit status 143),
+so a kill never leaves a half-written checkpoint. A resumed CPU run is
+bit-identical to an uninterrupted one: RNG states are checkpointed and each
+epoch's shuffling is seeded by seed + epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spinedet import SpinedetError
+from spinedet.data import CocoSlices, check_categories, collate, image_size, load_coco, train_transforms
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
+LOG_COLUMNS = ["epoch", "iters", "loss", *LOSS_TERMS, "lr", "val_ap50", "seconds"]
+WARMUP_FACTOR = 0.001
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
+    parser.add_argument("--model", required=True, help="model name: a key of the config's models:")
+    parser.add_argument("--train", required=True, help="training split, COCO JSON")
+    parser.add_argument("--val", required=True, help="validation split, COCO JSON")
+    parser.add_argument("--images", required=True, help="folder the COCO file_names are relative to")
+    parser.add_argument("--out", required=True, help="output folder (state/ inside it makes reruns resume)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: config train.threads)")
+
+
+def run(args) -> int:
+    from spinedet.config import load
+
+    config = load(args.config)
+    return train_model(
+        config,
+        model_name=args.model,
+        train_json=args.train,
+        val_json=args.val,
+        images=args.images,
+        out=args.out,
+        threads=args.threads,
+    )
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpinedetError("train.device: cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise SpinedetError(f"train.device: {name!r} is not one of auto, cpu, cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic  # slice sizes are fixed: tuned kernels pay off
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: RoIAlign's CUDA backward has no deterministic version.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_factor(
+    iteration: int,
+    total_iters: int,
+    warmup_iters: int,
+    scheduler: str = "cosine",
+    milestones: list[int] | None = None,
+    gamma: float = 0.1,
+) -> float:
+    """Learning-rate multiplier at `iteration` (0-based): linear warm-up times the main schedule."""
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        warmup = WARMUP_FACTOR * (1 - alpha) + alpha
+    else:
+        warmup = 1.0
+    if scheduler == "cosine":
+        main = 0.5 * (1 + math.cos(math.pi * min(iteration, total_iters) / max(total_iters, 1)))
+    elif scheduler == "multistep":
+        main = gamma ** sum(iteration >= m for m in (milestones or []))
+    else:
+        raise SpinedetError(f"models.*.scheduler: {scheduler!r} is not one of cosine, multistep")
+    return warmup * main
+
+
+def build_optimizer(model: torch.nn.Module, model_cfg: dict) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(
+        params,
+        lr=float(model_cfg["lr"]),
+        momentum=float(model_cfg.get("momentum", 0.9)),
+        weight_decay=float(model_cfg.get("weight_decay", 1e-4)),
+    )
+
+
+def build_lr_scheduler(optimizer, model_cfg: dict, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration."""
+    epochs = int(model_cfg["epochs"])
+    total_iters = epochs * iters_per_epoch
+    warmup_iters = min(int(model_cfg.get("warmup_iters", 0)), total_iters)
+    scheduler = model_cfg.get("scheduler", "cosine")
+    lr_steps = model_cfg.get("lr_steps") or [int(0.7 * epochs), int(0.9 * epochs)]
+    milestones = [int(step) * iters_per_epoch for step in lr_steps]
+    gamma = float(model_cfg.get("lr_gamma", 0.1))
+    lr_factor(0, total_iters, warmup_iters, scheduler)  # fail early on an unknown scheduler name
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total_iters, warmup_iters, scheduler, milestones, gamma)
+    )
+
+
+# ---------------------------------------------------------------- anchors
+
+
+def anchor_shapes(model_cfg: dict) -> list[tuple[float, float]]:
+    """(width, height) of every configured anchor, as torchvision's AnchorGenerator makes them."""
+    from spinedet.models import aspect_ratios
+
+    shapes = []
+    for sizes, ratios in zip(model_cfg["anchor_sizes"], aspect_ratios(model_cfg)):
+        for size in sizes:
+            for ratio in ratios:  # ratio = height / width
+                h_ratio = math.sqrt(ratio)
+                shapes.append((size / h_ratio, size * h_ratio))
+    return shapes
+
+
+def best_anchor_iou(widths: np.ndarray, heights: np.ndarray, shapes: list[tuple[float, float]]) -> np.ndarray:
+    """Per box, the best IoU with any anchor shape centred on it."""
+    anchors = np.asarray(shapes, dtype=float).reshape(-1, 2)
+    w, h = widths[:, None], heights[:, None]
+    inter = np.minimum(w, anchors[None, :, 0]) * np.minimum(h, anchors[None, :, 1])
+    union = w * h + anchors[None, :, 0] * anchors[None, :, 1] - inter
+    return (inter / union).max(axis=1) if len(widths) else np.zeros(0)
+
+
+def size_stats(widths: np.ndarray, heights: np.ndarray, shapes: list) -> dict:
+    percentiles = [5, 25, 50, 75, 95]
+    if len(widths) == 0:
+        return {"boxes": 0}
+    ious = best_anchor_iou(widths, heights, shapes)
+    return {
+        "boxes": int(len(widths)),
+        "width_px": dict(zip([f"p{p}" for p in percentiles], np.percentile(widths, percentiles).round(1).tolist())),
+        "height_px": dict(zip([f"p{p}" for p in percentiles], np.percentile(heights, percentiles).round(1).tolist())),
+        "best_anchor_iou_median": round(float(np.median(ious)), 3),
+        "fraction_matched": round(float(np.mean(ious >= 0.5)), 3),
+    }
+
+
+def anchor_report(coco: dict, classes: list[str], model_cfg: dict) -> dict:
+    """Training-set box sizes per class against the configured anchors."""
+    from spinedet.models import aspect_ratios
+
+    shapes = anchor_shapes(model_cfg)
+    boxes = np.array([a["bbox"][2:] for a in coco["annotations"]], dtype=float).reshape(-1, 2)
+    labels = np.array([a["category_id"] for a in coco["annotations"]], dtype=int)
+    per_class = {
+        name: size_stats(boxes[labels == i + 1, 0], boxes[labels == i + 1, 1], shapes)
+        for i, name in enumerate(classes)
+    }
+    return {
+        "anchor_sizes": model_cfg["anchor_sizes"],
+        "aspect_ratios": aspect_ratios(model_cfg),
+        "all": size_stats(boxes[:, 0], boxes[:, 1], shapes),
+        "classes": per_class,
+        "note": (
+            "fraction_matched: share of training boxes whose best IoU with an anchor shape centred "
+            "on the box is >= 0.5 (an upper bound: real anchors sit on a stride grid). "
+            "Sizes are in slice pixels, which the detector does not resample."
+        ),
+    }
+
+
+# ---------------------------------------------------------------- loops
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the last saved checkpoint stands."""
+
+
+class StopOnSigterm:
+    """Turns SIGTERM into a flag the training loop checks between iterations.
+
+    Once an epoch's iterations are done, its validation and checkpoint are
+    finished before stopping (seconds on a GPU), so the epoch is not lost.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM received: stopping at the next training iteration")
+
+    def check(self) -> None:
+        if self.requested:
+            raise Preempted
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def progress(iterable, total: int, desc: str):
+    # Without a terminal (a log file) print a line now and then, not a redraw per step.
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, mininterval=0.5 if interactive else 30)
+
+
+def train_one_epoch(
+    model,
+    optimizer,
+    lr_scheduler,
+    scaler,
+    loader,
+    device: torch.device,
+    epoch: int,
+    max_iters: int | None = None,
+    clip_grad_norm: float | None = None,
+    stop: StopOnSigterm | None = None,
+    desc: str = "train",
+) -> dict:
+    """One pass over `loader` (at most `max_iters` batches); mean loss terms and iteration count."""
+    model.train()
+    use_amp = device.type == "cuda"
+    total = len(loader) if max_iters is None else min(len(loader), max_iters)
+    sums = dict.fromkeys(["loss", *LOSS_TERMS], 0.0)
+    iters = 0
+    for images, targets in progress(itertools.islice(loader, total), total, desc):
+        if stop is not None:
+            stop.check()
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type="cuda", enabled=use_amp):
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        if not math.isfinite(float(loss.detach())):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise SpinedetError(
+                f"non-finite loss at epoch {epoch}, iteration {iters + 1}: {terms}. "
+                "Try a lower lr, more warmup_iters or a smaller clip_grad_norm."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"]], float(clip_grad_norm)
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        lr_scheduler.step()
+        sums["loss"] += float(loss.detach())
+        for k in LOSS_TERMS:
+            sums[k] += values.get(k, 0.0)
+        iters += 1
+    means = {k: (v / iters if iters else float("nan")) for k, v in sums.items()}
+    return {"iters": iters, **means}
+
+
+@torch.inference_mode()
+def predict_coco(model, loader, device: torch.device) -> list[dict]:
+    """COCO results ([x, y, w, h], score, category_id) for every image of `loader`."""
+    model.eval()
+    results = []
+    for images, targets in loader:
+        images = [img.to(device) for img in images]
+        with torch.autocast(device_type="cuda", enabled=device.type == "cuda"):
+            outputs = model(images)
+        for target, output in zip(targets, outputs):
+            boxes = output["boxes"].float().cpu().tolist()
+            scores = output["scores"].float().cpu().tolist()
+            for box, score, label in zip(boxes, scores, output["labels"].cpu().tolist()):
+                x0, y0, x1, y1 = box
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": int(label),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "score": score,
+                    }
+                )
+    return results
+
+
+def coco_ap50(coco_gt: dict, detections: list[dict]) -> float | None:
+    """COCO AP at IoU 0.5 (pycocotools); None when the ground truth has no boxes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not coco_gt["annotations"]:
+        return None
+    if not detections:
+        return 0.0
+    dataset = {
+        "images": coco_gt["images"],
+        "categories": coco_gt["categories"],
+        # pycocotools needs area and iscrowd on every ground-truth box.
+        "annotations": [
+            {"area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0, **a} for a in coco_gt["annotations"]
+        ],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = dataset
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap50 = float(evaluator.stats[1])
+    return ap50 if ap50 >= 0 else None
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_log(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in LOG_COLUMNS})
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def best_weights(model, model_name: str, model_cfg: dict, classes: list[str], size: int, epoch: int, ap50) -> dict:
+    """The content of best.pt, read back by `spinedet.models.load_trained`."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_name": model_name,
+        "model_config": model_cfg,
+        "classes": list(classes),
+        "image_size": int(size),
+        "epoch": int(epoch),
+        "val_ap50": ap50,
+    }
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint to resume from, or None when there is none or it belongs to another run."""
+    if not path.is_file():
+        return None
+    try:
+        # Our own file (RNG states include numpy arrays, which weights_only refuses).
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        log.warning("ignoring unreadable checkpoint %s (%s): starting from epoch 1", path, exc)
+        return None
+    if checkpoint.get("fingerprint") != fingerprint:
+        log.warning(
+            "checkpoint %s was made with another model config or training set: starting from epoch 1", path
+        )
+        return None
+    return checkpoint
+
+
+# ---------------------------------------------------------------- the verb
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=seed_worker,
+        # Seeded per epoch: a resumed run sees the same batches as an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_model(
+    config: dict,
+    model_name: str,
+    train_json: str | Path,
+    val_json: str | Path,
+    images: str | Path,
+    out: str | Path,
+    threads: int | None = None,
+) -> int:
+    """Train (or resume training) `model_name`; returns the exit code (143 when stopped by SIGTERM)."""
+    from spinedet.models import build_model, count_parameters
+
+    if model_name not in config.get("models", {}):
+        raise SpinedetError(f"--model {model_name}: no such entry under models: in the config")
+    model_cfg = config["models"][model_name]
+    train_cfg = config.get("train", {})
+    classes = list(config["classes"])
+    seed = int(config.get("seed", 0))
+    epochs = int(model_cfg["epochs"])
+    out = Path(out)
+    state_dir = out / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(train_cfg.get("device", "auto"))
+    threads = int(threads or train_cfg.get("threads", 1))
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    seed_everything(seed, bool(train_cfg.get("deterministic", False)))
+
+    train_coco, val_coco = load_coco(train_json), load_coco(val_json)
+    check_categories(train_coco, classes, str(train_json))
+    check_categories(val_coco, classes, str(val_json))
+    if not train_coco["images"]:
+        raise SpinedetError(f"{train_json}: the training split has no images")
+    size = image_size({"images": train_coco["images"] + val_coco["images"]})
+
+    anchors = anchor_report(train_coco, classes, model_cfg)
+    (out / "anchors.json").write_text(json.dumps(anchors, indent=2) + "\n")
+    matched = anchors["all"].get("fraction_matched")
+    log.info(
+        "anchors: %d training boxes, %s have an anchor shape with IoU >= 0.5 (anchors.json)",
+        anchors["all"]["boxes"],
+        "n/a" if matched is None else f"{matched:.0%}",
+    )
+    if matched is not None and matched < 0.9:
+        log.warning("anchor sizes %s fit only %.0f%% of the training boxes", model_cfg["anchor_sizes"], 100 * matched)
+
+    train_set = CocoSlices(train_coco, images, transforms=train_transforms(hflip=bool(model_cfg.get("hflip", False))))
+    val_set = CocoSlices(val_coco, images)
+    batch_size = int(model_cfg.get("batch_size", 2))
+    workers = int(train_cfg.get("workers", 0))
+    max_iters = model_cfg.get("max_iters_per_epoch")
+    iters_per_epoch = math.ceil(len(train_set) / batch_size)
+    if max_iters:
+        iters_per_epoch = min(iters_per_epoch, int(max_iters))
+
+    model = build_model(model_cfg, num_classes=len(classes) + 1, image_size=size).to(device)
+    optimizer = build_optimizer(model, model_cfg)
+    lr_scheduler = build_lr_scheduler(optimizer, model_cfg, iters_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    params = count_parameters(model)
+    log.info(
+        "%s (%s): %.1fM parameters (%.1fM trainable), %d px slices, %d train / %d val images, "
+        "%d iterations per epoch, device %s",
+        model_name, model_cfg["arch"], params["total"] / 1e6, params["trainable"] / 1e6, size,
+        len(train_set), len(val_set), iters_per_epoch, device,
+    )
+
+    fingerprint = {
+        "model_name": model_name,
+        "model_config": model_cfg,
+        "classes": classes,
+        "seed": seed,
+        "train_sha256": file_sha256(train_json),
+        "val_sha256": file_sha256(val_json),
+    }
+    checkpoint_path, best_path, log_path = (state_dir / name for name in ("checkpoint.pt", "best.pt", "train_log.csv"))
+    # What a checkpoint restores, besides the epoch, RNG states and log rows.
+    resumable = {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": scaler}
+    checkpoint = load_checkpoint(checkpoint_path, fingerprint)
+    rows: list[dict] = []
+    best_ap = None
+    start_epoch = 1
+    if checkpoint is not None:
+        for part, state in resumable.items():
+            state.load_state_dict(checkpoint[part])
+        set_rng_state(checkpoint["rng"])
+        rows, best_ap = checkpoint["log_rows"], checkpoint["best_val_ap50"]
+        start_epoch = checkpoint["epoch"] + 1
+        log.info("resuming from %s: epoch %d of %d", checkpoint_path, start_epoch, epochs)
+    if len(val_set) and not val_coco["annotations"]:
+        log.warning("%s has no boxes: val_ap50 is left empty and the last epoch is kept as best", val_json)
+
+    with StopOnSigterm() as stop:
+        try:
+            for epoch in range(start_epoch, epochs + 1):
+                started = time.perf_counter()
+                loader = make_loader(train_set, batch_size, True, workers, seed + epoch)
+                stats = train_one_epoch(
+                    model, optimizer, lr_scheduler, scaler, loader, device, epoch,
+                    max_iters=iters_per_epoch,
+                    clip_grad_norm=model_cfg.get("clip_grad_norm"),
+                    stop=stop,
+                    desc=f"{model_name} epoch {epoch}/{epochs}",
+                )
+                ap50 = None
+                if len(val_set):
+                    val_loader = make_loader(val_set, batch_size, False, workers, seed)
+                    ap50 = coco_ap50(val_coco, predict_coco(model, val_loader, device))
+                row = {
+                    "epoch": epoch,
+                    **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "val_ap50": None if ap50 is None else round(ap50, 6),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+                rows.append(row)
+                improved = ap50 is None or best_ap is None or ap50 > best_ap
+                if improved:
+                    best_ap = ap50 if ap50 is not None else best_ap
+                    save_atomic(best_weights(model, model_name, model_cfg, classes, size, epoch, ap50), best_path)
+                save_atomic(
+                    {
+                        **{part: state.state_dict() for part, state in resumable.items()},
+                        "epoch": epoch,
+                        "rng": rng_state(),
+                        "config": config,
+                        "fingerprint": fingerprint,
+                        "log_rows": rows,
+                        "best_val_ap50": best_ap,
+                    },
+                    checkpoint_path,
+                )
+                write_log(rows, log_path)
+                log.info(
+                    "%s epoch %d/%d: loss %.4f, val AP50 %s, lr %.3g, %.1f s%s",
+                    model_name, epoch, epochs, stats["loss"],
+                    "n/a" if ap50 is None else f"{ap50:.3f}", row["lr"], row["seconds"],
+                    " (best)" if improved else "",
+                )
+        except Preempted:
+            done = rows[-1]["epoch"] if rows else 0
+            log.warning("stopped by SIGTERM; %d epoch(s) saved in %s, rerun to resume", done, checkpoint_path)
+            return PREEMPTED_EXIT_CODE
+
+    if not best_path.is_file():
+        raise SpinedetError(f"{best_path} is missing: delete {state_dir} and train again")
+    copy_atomic(best_path, out / "best.pt")
+    copy_atomic(log_path, out / "train_log.csv")
+    log.info("%s: best epoch weights in %s, log in %s", model_name, out / "best.pt", out / "train_log.csv")
+    return 0
