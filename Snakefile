@@ -1,15 +1,36 @@
 # spinedet: raw cervical-spine DICOM export in, model-comparison report out.
 # Stages live in workflow/rules/*.smk; every rule calls one `spinedet` verb.
 
-from snakemake.utils import min_version, validate
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
 
 min_version("9.0")
+
+# The config check is spinedet's own (same schema as snakemake.utils.validate,
+# defaults filled, plus checks a schema cannot express), so the workflow and
+# every verb fail with the same one-line message naming the key. Imported from
+# the source tree: snakemake's environment need not have spinedet installed.
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from spinedet import SpinedetError
+from spinedet.config_check import check_config
 
 
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+try:
+    # Inputs of a real export are checked where the workflow starts, not
+    # again inside each cluster job (compute nodes may not see raw data).
+    check_config(
+        config,
+        Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+        check_paths=workflow.is_main_process,
+    )
+except SpinedetError as exc:
+    raise WorkflowError(str(exc)) from None
 
 
 include: "workflow/rules/common.smk"

@@ -10,14 +10,19 @@ rule evaluate:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{model}}.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        images=f"{RESULTS}/slices",
+        out=lambda wildcards, output: Path(output.metrics).parent,
     conda:
         "../../envs/train.yaml"
     threads: config["resources"]["evaluate"]["threads"]
     resources:
         gpu=config["resources"]["evaluate"]["gpu"],
+        gpu_model=config["resources"]["evaluate"].get("gpu_model"),
         mem_mb=config["resources"]["evaluate"]["mem_mb"],
         runtime=config["resources"]["evaluate"]["runtime"],
     shell:
-        "spinedet evaluate --config {EFFECTIVE_CONFIG} --model {wildcards.model}"
-        " --weights {input.best} --test {input.test} --images {RESULTS}/slices"
-        " --out {RESULTS}/eval/{wildcards.model} --threads {threads} > {log} 2>&1"
+        "spinedet evaluate --config {params.config} --model {wildcards.model}"
+        " --weights {input.best} --test {input.test} --images {params.images}"
+        " --out {params.out} --threads {threads} > {log} 2>&1"

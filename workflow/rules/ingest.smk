@@ -15,11 +15,14 @@ rule inventory:
         f"{LOGS}/inventory.log",
     benchmark:
         f"{BENCH}/inventory.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        out=lambda wildcards, output: Path(output.files).parent,
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "spinedet inventory --config {EFFECTIVE_CONFIG} --raw {input.raw}"
-        " --cohort {input.cohort} --out {RESTRICTED}/inventory"
+        "spinedet inventory --config {params.config} --raw {input.raw}"
+        " --cohort {input.cohort} --out {params.out}"
         " --summary {output.summary} > {log} 2>&1"
 
 
@@ -33,11 +36,14 @@ rule convert:
         f"{LOGS}/convert.log",
     benchmark:
         f"{BENCH}/convert.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        out=lambda wildcards, output: Path(output.conversions).parent,
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "spinedet convert --config {EFFECTIVE_CONFIG} --series {input.series}"
-        " --selection {input.selection} --out {RESTRICTED}/convert > {log} 2>&1"
+        "spinedet convert --config {params.config} --series {input.series}"
+        " --selection {input.selection} --out {params.out} > {log} 2>&1"
 
 
 checkpoint deidentify:
@@ -53,10 +59,14 @@ checkpoint deidentify:
         f"{LOGS}/deidentify.log",
     benchmark:
         f"{BENCH}/deidentify.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        restricted=lambda wildcards: RESTRICTED,
+        out=lambda wildcards, output: Path(output.participants).parent,
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "spinedet deidentify --config {EFFECTIVE_CONFIG}"
+        "spinedet deidentify --config {params.config}"
         " --conversions {input.conversions} --files {input.files}"
         " --selection {input.selection} --annotations {input.annotations}"
-        " --restricted {RESTRICTED} --out {RESULTS}/deid > {log} 2>&1"
+        " --restricted {params.restricted} --out {params.out} > {log} 2>&1"

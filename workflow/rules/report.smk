@@ -24,11 +24,17 @@ rule report:
         f"{LOGS}/report.log",
     benchmark:
         f"{BENCH}/report.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        models=MODELS,
+        results=lambda wildcards: RESULTS,
+        images=f"{RESULTS}/slices",
+        out=lambda wildcards, output: Path(output.html).parent,
     conda:
         "../../envs/report.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "spinedet report --config {EFFECTIVE_CONFIG} --models {MODELS}"
-        " --results {RESULTS} --images {RESULTS}/slices --out {RESULTS}/report > {log} 2>&1"
+        "spinedet report --config {params.config} --models {params.models}"
+        " --results {params.results} --images {params.images} --out {params.out} > {log} 2>&1"

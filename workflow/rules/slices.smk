@@ -9,11 +9,14 @@ rule slices:
         f"{LOGS}/slices/sub-{{subject}}.log",
     benchmark:
         f"{BENCH}/slices/sub-{{subject}}.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        out=lambda wildcards, output: Path(output.coco).parent.parent,
     conda:
         "../../envs/preprocess.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "spinedet slices --config {EFFECTIVE_CONFIG} --volume {input.volume}"
-        " --boxes {input.boxes} --out {RESULTS}/slices > {log} 2>&1"
+        "spinedet slices --config {params.config} --volume {input.volume}"
+        " --boxes {input.boxes} --out {params.out} > {log} 2>&1"

@@ -12,11 +12,14 @@ rule split:
         f"{LOGS}/split.log",
     benchmark:
         f"{BENCH}/split.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        out=lambda wildcards, output: Path(output.train).parent,
     conda:
         "../../envs/preprocess.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "spinedet split --config {EFFECTIVE_CONFIG} --cocos {input.cocos}"
-        " --out {RESULTS}/split > {log} 2>&1"
+        "spinedet split --config {params.config} --cocos {input.cocos}"
+        " --out {params.out} > {log} 2>&1"

@@ -7,7 +7,8 @@ if config["demo"]["enabled"]:
             cohort=config["cohort"],
             preview=f"{config['demo']['out']}/preview.png",
         params:
-            out=config["demo"]["out"],
+            config=EFFECTIVE_CONFIG,
+            out=lambda wildcards, output: Path(output.annotations).parent,
             patients=config["demo"]["patients"],
             matrix=config["demo"]["matrix"],
             seed=config["demo"]["seed"],
@@ -20,4 +21,4 @@ if config["demo"]["enabled"]:
         shell:
             "spinedet synthesize --out {params.out} --patients {params.patients}"
             " --matrix {params.matrix} --seed {params.seed} --preview {output.preview}"
-            " --config {EFFECTIVE_CONFIG} > {log} 2>&1"
+            " --config {params.config} > {log} 2>&1"

@@ -18,14 +18,19 @@ rule train:
         f"{LOGS}/train/{{model}}.log",
     benchmark:
         f"{BENCH}/train/{{model}}.tsv"
+    params:
+        config=EFFECTIVE_CONFIG,
+        images=f"{RESULTS}/slices",
+        out=lambda wildcards, output: Path(output.best).parent,
     conda:
         "../../envs/train.yaml"
     threads: config["resources"]["train"]["threads"]
     resources:
         gpu=config["resources"]["train"]["gpu"],
+        gpu_model=config["resources"]["train"].get("gpu_model"),
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime"],
     shell:
-        "spinedet train --config {EFFECTIVE_CONFIG} --model {wildcards.model}"
-        " --train {input.train} --val {input.val} --images {RESULTS}/slices"
-        " --out {RESULTS}/models/{wildcards.model} --threads {threads} > {log} 2>&1"
+        "spinedet train --config {params.config} --model {wildcards.model}"
+        " --train {input.train} --val {input.val} --images {params.images}"
+        " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -149,6 +149,9 @@ def detector_options(model_cfg: dict, image_size: int) -> dict:
         "max_size": int(model_cfg.get("max_size") or image_size),
         "image_mean": GRAYSCALE_MEAN,
         "image_std": GRAYSCALE_STD,
+        # Proposal and sampling counts (torchvision FasterRCNN keywords), e.g.
+        # 300 test proposals as in the original Faster R-CNN instead of 1000.
+        **model_cfg.get("detector_kwargs", {}),
     }
 
 

@@ -1,0 +1,387 @@
+"""The config schema, spinedet.config_check and the Snakefile's config check."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.metadata
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spinedet import SpinedetError
+from spinedet.config import SCHEMA_PATH, deep_merge, load
+from spinedet.config_check import FEATURE_LEVELS, check_config, known_architectures, load_schema
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+
+def study_config() -> dict:
+    with (REPO / "config.yaml").open() as fh:
+        return yaml.safe_load(fh)
+
+
+def smoke_config() -> dict:
+    with (REPO / "config" / "smoke.yaml").open() as fh:
+        return deep_merge(study_config(), yaml.safe_load(fh))
+
+
+def checked(override: dict, base: dict | None = None) -> dict:
+    """check_config as the Snakefile runs it where the workflow starts (paths checked)."""
+    config = deep_merge(study_config() if base is None else base, override)
+    return check_config(config, SCHEMA_PATH, check_paths=True)
+
+
+def error_of(override: dict) -> str:
+    with pytest.raises(SpinedetError) as info:
+        checked(override)
+    return str(info.value)
+
+
+def schema_properties(node: dict, schema: dict):
+    """Yield (dotted key, property schema) for every named property, following $refs."""
+    stack = [("", node)]
+    while stack:
+        prefix, current = stack.pop()
+        if "$ref" in current:
+            current = {**schema["$defs"][current["$ref"].split("/")[-1]], **current}
+        for name, prop in current.get("properties", {}).items():
+            key = f"{prefix}.{name}" if prefix else name
+            yield key, prop
+            stack.append((key, prop))
+        extra = current.get("additionalProperties")
+        if isinstance(extra, dict):
+            stack.append((f"{prefix}.*", extra))
+
+
+# --- defaults and descriptions -------------------------------------------------------------
+
+
+def test_config_yaml_and_smoke_are_valid():
+    assert checked({})["split"]["fractions"] == {"train": 0.7, "val": 0.1, "test": 0.2}
+    smoke = check_config(smoke_config(), SCHEMA_PATH)
+    assert smoke["demo"]["patients"] == 10
+
+
+def test_schema_defaults_reproduce_config_yaml():
+    from_defaults = check_config({}, SCHEMA_PATH)
+    assert from_defaults == checked({})
+
+
+# Keys of config.yaml without a plain schema default, and why.
+NO_PLAIN_DEFAULT = {
+    "models.*.arch": "required",
+    "models.*.anchor_sizes": "default depends on arch",
+    "split.fractions.train": "split.fractions has a default as a whole",
+    "split.fractions.val": "split.fractions has a default as a whole",
+    "split.fractions.test": "split.fractions has a default as a whole",
+}
+# Optional keys whose absence means "the library's own value".
+OPTIONAL_PREFIXES = ("models.*.detector_kwargs.",)
+
+
+def config_keys(value, prefix=""):
+    """Dotted keys of a config; model names become '*'."""
+    for name, child in value.items():
+        key = f"{prefix}.{name}" if prefix else name
+        yield key
+        if isinstance(child, dict):
+            child_prefix = key
+            if key == "models":
+                for model in child.values():
+                    yield from config_keys(model, "models.*")
+                continue
+            yield from config_keys(child, child_prefix)
+
+
+def test_every_key_of_config_yaml_is_described_and_has_a_default():
+    schema = load_schema(SCHEMA_PATH)
+    described = dict(schema_properties(schema, schema))
+    for key in set(config_keys(study_config())):
+        assert key in described, f"{key} is not in the schema"
+        assert described[key].get("description"), f"{key} has no description"
+        if key not in NO_PLAIN_DEFAULT and not key.startswith(OPTIONAL_PREFIXES):
+            assert "default" in described[key], f"{key} has no default"
+
+
+def test_defaults_fill_a_partial_model_entry_by_architecture():
+    config = checked({"models": {"tiny": {"arch": "fasterrcnn_vgg16"}, "fpn": {"arch": "fasterrcnn_resnet50_fpn"}}})
+    tiny, fpn = config["models"]["tiny"], config["models"]["fpn"]
+    assert tiny["anchor_sizes"] == [[8, 16, 32, 64]]
+    assert tiny["aspect_ratios"] == [[0.5, 1.0, 2.0]]
+    assert len(fpn["anchor_sizes"]) == len(fpn["aspect_ratios"]) == 5
+    assert tiny["hflip"] is False
+    assert tiny["max_iters_per_epoch"] is None
+    assert tiny["scheduler"] == "cosine"
+    assert "lr_steps" not in tiny
+
+
+def test_smoke_override_keeps_study_values_and_fills_the_rest():
+    smoke = check_config(smoke_config(), SCHEMA_PATH)
+    vgg = smoke["models"]["vgg16"]
+    assert vgg["max_iters_per_epoch"] == 3
+    assert vgg["momentum"] == 0.9  # from config.yaml, not overridden by smoke
+    assert vgg["aspect_ratios"] == [[0.5, 1.0, 2.0]]  # from the schema
+
+
+def test_defaults_are_copies_not_shared_between_configs():
+    first = check_config({}, SCHEMA_PATH)
+    first["classes"].append("fracture")
+    first["models"]["vgg16"]["anchor_sizes"][0].append(512)
+    second = check_config({}, SCHEMA_PATH)
+    assert second["classes"] == ["disc_herniation", "cord_injury"]
+    assert second["models"]["vgg16"]["anchor_sizes"] == [[8, 16, 32, 64]]
+
+
+def test_checking_twice_changes_nothing():
+    once = checked({})
+    twice = check_config(copy.deepcopy(once), SCHEMA_PATH)
+    assert twice == once
+
+
+def test_load_merges_files_in_order(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("seed: 5\nsplit:\n  folds: 3\n")
+    config = load([REPO / "config.yaml", override])
+    assert config["seed"] == 5
+    assert config["split"] == {"fractions": {"train": 0.7, "val": 0.1, "test": 0.2}, "folds": 3}
+
+
+def test_architecture_enum_matches_the_model_registry():
+    from spinedet.models import ARCHITECTURES
+
+    schema_archs = sorted(known_architectures(load_schema(SCHEMA_PATH)))
+    assert schema_archs == sorted(ARCHITECTURES) == sorted(FEATURE_LEVELS)
+
+
+# --- one clear error per problem -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"models": {"resnet50": {"epochs": "ten"}}}, "config key 'models.resnet50.epochs': expected integer, got string 'ten'"),
+        ({"models": {"vgg16": {"lr": "1e-3"}}}, "write 1.0e-4"),
+        ({"demo": {"enabled": "yes"}}, "config key 'demo.enabled': expected boolean"),
+        ({"split": 5}, "config key 'split': expected mapping, got number 5"),
+        (
+            {"models": {"resnet50": {"arch": "yolo"}}},
+            "config key 'models.resnet50.arch': unknown model architecture 'yolo'; "
+            "known architectures: fasterrcnn_resnet50_fpn, fasterrcnn_vgg16",
+        ),
+        ({"split": {"fractions": {"train": 0.6, "val": 0.1, "test": 0.2}}}, "config key 'split.fractions': train+val+test = 0.9, must sum to 1"),
+        ({"split": {"fractions": {"train": 0.7, "val": 0.2, "test": 0.2}}}, "train+val+test = 1.1, must sum to 1"),
+        ({"split": {"fraction": {}}}, "config key 'split.fraction': unknown key (allowed here: folds, fractions)"),
+        ({"split": {"folds": 1}}, "config key 'split.folds': 1 is not allowed"),
+        ({"sed": 1}, "config key 'sed': unknown key"),
+        ({"train": {"device": "gpu"}}, "config key 'train.device': 'gpu' is not one of auto, cpu, cuda"),
+        ({"evaluate": {"timing": {"iterations": 0}}}, "config key 'evaluate.timing.iterations': 0 is less than the minimum of 1"),
+        ({"models": {"my model": {"arch": "fasterrcnn_vgg16"}}}, "config key 'models': name 'my model' is not allowed"),
+        ({"models": {"extra": {"lr": 0.1}}}, "config key 'models.extra.arch': missing (required)"),
+        ({"models": {"vgg16": {"anchor_sizes": [[16], [32]]}}}, "config key 'models.vgg16.anchor_sizes': fasterrcnn_vgg16 has 1 feature level(s)"),
+        ({"models": {"vgg16": {"aspect_ratios": [[1.0], [2.0]]}}}, "config key 'models.vgg16.aspect_ratios': one list per feature level"),
+        ({"models": {"vgg16": {"scheduler": "multistep", "lr_steps": [4, 2]}}}, "config key 'models.vgg16.lr_steps': [4, 2] must be strictly increasing"),
+        ({"models": {"vgg16": {"pretrained": "weights/missing.pth"}}}, "config key 'models.vgg16.pretrained': file not found: weights/missing.pth"),
+        ({"restricted": "results/phi"}, "config key 'restricted': results/phi lies inside results"),
+        ({"inventory": {"exclude_pattern": "(loc"}}, "config key 'inventory.exclude_pattern': not a valid regular expression"),
+        ({"slices": {"window_percentiles": [99.0, 1.0]}}, "config key 'slices.window_percentiles': low 99.0 must be below high 1.0"),
+        ({"resources": {"train": {"gpu_model": "a100 80gb"}}}, "config key 'resources.train.gpu_model'"),
+        ({"models": {"vgg16": {"detector_kwargs": {"rpn_post_nms_top_n": 300}}}}, "config key 'models.vgg16.detector_kwargs.rpn_post_nms_top_n': unknown key"),
+        ({"raw": "elsewhere/DICOM"}, "config key 'raw': with demo.enabled the synthesizer writes resources/demo_export/DICOM"),
+    ],
+)
+def test_each_problem_is_one_line_naming_the_key(override, expected):
+    message = error_of(override)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_multistep_without_lr_steps_is_left_to_the_trainer():
+    config = checked({"models": {"vgg16": {"scheduler": "multistep"}}})
+    assert "lr_steps" not in config["models"]["vgg16"]
+
+
+def test_fractions_within_tolerance_pass():
+    config = checked({"split": {"fractions": {"train": 0.7 + 5e-7, "val": 0.1, "test": 0.2}}})
+    assert config["split"]["fractions"]["train"] > 0.7
+
+
+def real_export(tmp_path: Path) -> dict:
+    raw = tmp_path / "export" / "DICOM"
+    raw.mkdir(parents=True)
+    (tmp_path / "export" / "annotations.csv").write_text("study_uid\n")
+    (tmp_path / "export" / "cohort.csv").write_text("patient_id,group\n")
+    return {
+        "demo": {"enabled": False},
+        "raw": str(raw),
+        "annotations": str(tmp_path / "export" / "annotations.csv"),
+        "cohort": str(tmp_path / "export" / "cohort.csv"),
+    }
+
+
+def test_real_export_that_exists_passes(tmp_path):
+    config = checked(real_export(tmp_path))
+    assert config["demo"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("missing", "expected"),
+    [
+        ("raw", "config key 'raw': folder not found"),
+        ("annotations", "config key 'annotations': file not found"),
+        ("cohort", "config key 'cohort': file not found"),
+    ],
+)
+def test_real_export_with_a_missing_input_fails(tmp_path, missing, expected):
+    override = real_export(tmp_path)
+    override[missing] = str(tmp_path / "nowhere")
+    message = error_of(override)
+    assert message.startswith(expected)
+    assert "demo.enabled is false" in message
+
+
+def test_verbs_do_not_check_paths_by_default(tmp_path):
+    # What spinedet.config.load does: compute nodes need not see the raw export.
+    override = {"demo": {"enabled": False}, "raw": str(tmp_path / "nowhere"),
+                "models": {"vgg16": {"pretrained": str(tmp_path / "weights.pth")}}}
+    config = check_config(deep_merge(study_config(), override), SCHEMA_PATH)
+    assert config["raw"].endswith("nowhere")
+
+
+def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    real_export(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = checked(
+        {"demo": {"enabled": False}, "raw": "export/DICOM", "annotations": "export/annotations.csv", "cohort": "export/cohort.csv"}
+    )
+    assert config["raw"] == "export/DICOM"
+
+
+# --- the same messages from the workflow ---------------------------------------------------
+
+
+def snakemake_dry_run(tmp_path: Path, override: dict) -> subprocess.CompletedProcess:
+    extra = tmp_path / "override.yaml"
+    extra.write_text(yaml.safe_dump(override))
+    return subprocess.run(
+        [str(SNAKEMAKE), "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(REPO / "config.yaml"), str(extra)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"models": {"resnet50": {"epochs": "ten"}}}, "config key 'models.resnet50.epochs': expected integer, got string 'ten'"),
+        ({"models": {"vgg16": {"arch": "vgg19"}}}, "config key 'models.vgg16.arch': unknown model architecture 'vgg19'; known architectures: fasterrcnn_resnet50_fpn, fasterrcnn_vgg16"),
+        ({"split": {"fractions": {"train": 0.6, "val": 0.1, "test": 0.2}}}, "config key 'split.fractions': train+val+test = 0.9, must sum to 1"),
+        ({"demo": {"enabled": False}, "raw": "no/such/export"}, "config key 'raw': folder not found: no/such/export"),
+    ],
+)
+def test_snakemake_reports_the_same_one_line_message(tmp_path, override, expected):
+    result = snakemake_dry_run(tmp_path, override)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert expected in output
+    assert "Traceback" not in output
+
+
+def test_snakemake_dry_run_accepts_the_smoke_config(tmp_path):
+    with (REPO / "config" / "smoke.yaml").open() as fh:
+        result = snakemake_dry_run(tmp_path, yaml.safe_load(fh))
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load((tmp_path / "results" / "effective_config.yaml").read_text())
+    assert effective["models"]["resnet50"]["aspect_ratios"] == [[0.5, 1.0, 2.0]] * 5
+    assert effective["models"]["resnet50"]["max_iters_per_epoch"] == 3
+
+
+# --- conda environments --------------------------------------------------------------------
+
+ENVS = REPO / "envs"
+# conda-forge package of each import name / distribution, where the names differ.
+CONDA_NAME = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "torch": "pytorch",
+              "matplotlib": "matplotlib-base"}
+DISTRIBUTION = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+
+
+def env_pins(env_file: Path) -> dict[str, str | None]:
+    """conda package -> pinned version (None when unpinned) of an env file."""
+    pins = {}
+    for spec in yaml.safe_load(env_file.read_text())["dependencies"]:
+        assert isinstance(spec, str), f"{env_file.name}: a pip section cannot install spinedet (see post-deploy)"
+        name, _, version = spec.partition("==")
+        pins[name] = version or None
+    return pins
+
+
+def rule_envs_and_verbs() -> dict[str, tuple[str, str]]:
+    """rule -> (env name, spinedet verb), read from workflow/rules/*.smk."""
+    found = {}
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"\n\s*(?=(?:rule|checkpoint) \w+:)", smk.read_text()):
+            header = re.match(r"\s*(?:rule|checkpoint) (\w+):", block)
+            env = re.search(r'conda:\s*"\.\./\.\./envs/(\w+)\.yaml"', block)
+            verb = re.search(r'"spinedet (\w+)', block)
+            if header and env and verb:
+                found[header.group(1)] = (env.group(1), verb.group(1))
+    return found
+
+
+def third_party_imports(module: str, seen: set[str] | None = None) -> set[str]:
+    """Top-level third-party imports of spinedet.<module> and the spinedet modules it imports."""
+    seen = set() if seen is None else seen
+    source = REPO / "workflow" / "spinedet" / f"{module}.py"
+    if module in seen or not source.is_file():
+        return set()
+    seen.add(module)
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "spinedet":
+                if len(parts) > 1:
+                    found |= third_party_imports(parts[1], seen)
+            elif parts[0] not in sys.stdlib_module_names:
+                found.add(parts[0])
+    return found
+
+
+def test_every_rule_env_exists_with_its_post_deploy_script():
+    rules = rule_envs_and_verbs()
+    assert {"synthesize", "inventory", "convert", "deidentify", "slices", "split", "train", "evaluate", "report"} <= set(rules)
+    for env, _ in rules.values():
+        assert (ENVS / f"{env}.yaml").is_file()
+        assert "pip install --quiet --no-deps" in (ENVS / f"{env}.post-deploy.sh").read_text()
+
+
+def test_env_pins_equal_the_tested_venv():
+    for env_file in sorted(ENVS.glob("*.yaml")):
+        for name, version in env_pins(env_file).items():
+            if name == "python":
+                assert version == platform.python_version(), env_file.name
+            elif version is not None:
+                installed = importlib.metadata.version(DISTRIBUTION.get(name, name))
+                assert version == installed, f"{env_file.name}: {name}=={version}, .venv has {installed}"
+
+
+def test_each_rule_env_provides_what_its_verb_imports():
+    missing = {}
+    for rule, (env, verb) in rule_envs_and_verbs().items():
+        pins = env_pins(ENVS / f"{env}.yaml")
+        needed = {CONDA_NAME.get(name, name) for name in third_party_imports(verb) | third_party_imports("cli")}
+        if needed - set(pins):
+            missing[f"{rule} ({env}.yaml)"] = sorted(needed - set(pins))
+    assert missing == {}
