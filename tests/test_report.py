@@ -10,8 +10,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from browser import CHROMIUM, chromium, parse
 from spinedet import SpinedetError, cli, metrics, report
 from spinedet.config import load
 
@@ -147,46 +146,6 @@ def rendered(tmp_path_factory) -> Path:
     write_results(results)
     assert make_report(tmp_path, results, results / "report") == 0
     return results / "report"
-
-
-class Elements(HTMLParser):
-    """Every start tag with its attributes, and the text of table rows by id of their table."""
-
-    def __init__(self):
-        super().__init__()
-        self.tags: list[tuple[str, dict]] = []
-        self.table_rows: dict[str, list[list[str]]] = {}
-        self._table, self._row = None, None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        self.tags.append((tag, attrs))
-        if tag == "table":
-            self._table = attrs.get("id")
-            self.table_rows[self._table] = []
-        elif tag == "tr" and self._table:
-            self._row = []
-            self.table_rows[self._table].append(self._row)
-        elif tag in ("td", "th") and self._row is not None:
-            self._row.append("")
-
-    def handle_endtag(self, tag):
-        if tag == "table":
-            self._table = None
-        if tag == "tr":
-            self._row = None
-
-    def handle_data(self, data):
-        if self._row:
-            self._row[-1] += data
-
-
-def parse(html: str) -> Elements:
-    parser = Elements()
-    parser.feed(html)
-    for rows in parser.table_rows.values():
-        rows[:] = [[" ".join(cell.split()) for cell in row] for row in rows]
-    return parser
 
 
 def test_report_has_both_models_paper_rows_and_banner(rendered):
@@ -342,17 +301,6 @@ def test_group_counts_with_totals(tmp_path):
     assert table["splits"] == ["train", "val", "test"]
     assert table["rows"][0] == {"group": "disc", "counts": [5, 1, 2], "total": 8}
     assert table["totals"] == [8, 1, 3] and table["total"] == 12
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def chromium(*args: str, user_data: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={user_data}", *args],
-        capture_output=True, text=True, timeout=120, check=True)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it)")

@@ -11,6 +11,8 @@ rule evaluate:
     benchmark:
         f"{BENCH}/evaluate/{{model}}.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings={"evaluate": config["evaluate"], "train": config["train"], "seed": config["seed"]},
         config=EFFECTIVE_CONFIG,
         images=f"{RESULTS}/slices",
         out=lambda wildcards, output: Path(output.metrics).parent,

@@ -16,6 +16,8 @@ rule inventory:
     benchmark:
         f"{BENCH}/inventory.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings={"inventory": config["inventory"], "groups": config["groups"]},
         config=EFFECTIVE_CONFIG,
         out=lambda wildcards, output: Path(output.files).parent,
     conda:
@@ -60,6 +62,8 @@ checkpoint deidentify:
     benchmark:
         f"{BENCH}/deidentify.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings={"deidentify": config["deidentify"], "classes": config["classes"]},
         config=EFFECTIVE_CONFIG,
         restricted=lambda wildcards: RESTRICTED,
         out=lambda wildcards, output: Path(output.participants).parent,

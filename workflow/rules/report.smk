@@ -25,6 +25,8 @@ rule report:
     benchmark:
         f"{BENCH}/report.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings={key: value for key, value in config.items() if key != "resources"},
         config=EFFECTIVE_CONFIG,
         models=MODELS,
         results=lambda wildcards: RESULTS,

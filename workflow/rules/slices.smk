@@ -10,6 +10,8 @@ rule slices:
     benchmark:
         f"{BENCH}/slices/sub-{{subject}}.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings={"slices": config["slices"], "classes": config["classes"]},
         config=EFFECTIVE_CONFIG,
         out=lambda wildcards, output: Path(output.coco).parent.parent,
     conda:

@@ -13,6 +13,8 @@ rule split:
     benchmark:
         f"{BENCH}/split.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings={"split": config["split"], "seed": config["seed"]},
         config=EFFECTIVE_CONFIG,
         out=lambda wildcards, output: Path(output.train).parent,
     conda:

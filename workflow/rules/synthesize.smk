@@ -7,6 +7,8 @@ if config["demo"]["enabled"]:
             cohort=config["cohort"],
             preview=f"{config['demo']['out']}/preview.png",
         params:
+            # The config this rule depends on: a change reruns it.
+            settings={"classes": config["classes"], "groups": config["groups"]},
             config=EFFECTIVE_CONFIG,
             out=lambda wildcards, output: Path(output.annotations).parent,
             patients=config["demo"]["patients"],

@@ -19,6 +19,8 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{model}}.tsv"
     params:
+        # The config this rule depends on: a change reruns it.
+        settings=lambda wildcards: {"model": config["models"][wildcards.model], "train": config["train"], "seed": config["seed"], "classes": config["classes"]},
         config=EFFECTIVE_CONFIG,
         images=f"{RESULTS}/slices",
         out=lambda wildcards, output: Path(output.best).parent,

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from spinedet import SpinedetError
 
@@ -55,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pydicom logs bad header values verbatim (a UID, a name): never into
+    # logs/, which sit outside restricted/. The values stay where they
+    # belong, in restricted/inventory/files.csv.
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.propagate = False
+    pydicom_log.addHandler(logging.NullHandler())
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from spinedet import SpinedetError
 from spinedet import metrics as metrics_lib
 from spinedet import timing as timing_lib
+from spinedet.train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="slice PNG root (results/slices)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (results/eval/MODEL)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-
-
-def resolve_device(requested: str) -> torch.device:
-    """config train.device: auto | cpu | cuda."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SpinedetError("train.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return torch.device(requested)
 
 
 def to_coco_results(output: dict, image_id: int, score_threshold: float) -> list[dict]:

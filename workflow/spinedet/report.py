@@ -473,7 +473,7 @@ def run_manifest(config: dict, models: list[dict]) -> dict:
     return {
         "config_sha256": config_sha256(config),
         "seed": config.get("seed"),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
         "packages": package_versions(),
         "report_platform": f"{platform.platform()}, Python {platform.python_version()}",
         "evaluation_hardware": [
