@@ -283,7 +283,8 @@ def file_contents(path: Path) -> list[tuple[str, bytes, bool]]:
 
     Compressed streams are scanned decompressed (their raw bytes are noise
     in which short names would turn up by chance), PNG image data and
-    NIfTI voxel data as binary: only values of MIN_LENGTH or more.
+    NIfTI voxel data and torch tensor storages as binary: only values of
+    MIN_LENGTH or more.
     """
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
@@ -298,7 +299,10 @@ def file_contents(path: Path) -> list[tuple[str, bytes, bool]]:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 for member in archive.namelist():
                     parts.append((f"name (zip member {member})", member.encode(), False))
-                    parts.append((f"content (zip member {member})", archive.read(member), False))
+                    # torch.save archives keep each tensor's raw storage in
+                    # <name>/data/<n>: numbers, scanned as binary.
+                    is_tensor_storage = re.search(r"/data/\d+$", member) is not None
+                    parts.append((f"content (zip member {member})", archive.read(member), is_tensor_storage))
             return parts
         except zipfile.BadZipFile:
             pass
