@@ -1,4 +1,3 @@
-import hashlib
 from pathlib import Path
 
 import yaml
@@ -10,7 +9,8 @@ LOGS = "logs"
 BENCH = "benchmarks/rules"
 
 # The verbs read the merged, validated config from one file. It is rewritten
-# only when its content changes, so it never triggers reruns by itself.
+# only when its content changes; each rule's `settings` param holds the part
+# of the config it depends on, so a change reruns just those rules.
 EFFECTIVE_CONFIG = f"{RESULTS}/effective_config.yaml"
 _effective = yaml.safe_dump(config, sort_keys=True)
 _effective_path = Path(EFFECTIVE_CONFIG)
@@ -24,10 +24,6 @@ localrules:
     inventory,
     convert,
     deidentify,
-
-
-def raw_export():
-    return config["raw"]
 
 
 def subjects(wildcards):
