@@ -373,3 +373,11 @@ def test_resumed_training_equals_uninterrupted_training(blobs, tmp_path, monkeyp
     assert [{k: r[k] for k in loss_columns} for r in read_log(tmp_path / "straight" / "train_log.csv")] == [
         {k: r[k] for k in loss_columns} for r in read_log(tmp_path / "resumed" / "train_log.csv")
     ]
+
+
+def test_unreadable_checkpoint_is_kept_aside_and_training_starts_over(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"not a torch archive")
+    assert load_checkpoint(checkpoint, {"run": "x"}) is None
+    assert not checkpoint.exists()
+    assert (tmp_path / "checkpoint.pt.unreadable").read_bytes() == b"not a torch archive"

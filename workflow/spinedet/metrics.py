@@ -114,7 +114,9 @@ def coco_summary(coco_gt: dict, detections: list[dict], classes: list[str]) -> d
             },
         }
 
-    assert list(standard.params.catIds) == category_ids, "categories must be 1..n in classes order"
+    if list(standard.params.catIds) != category_ids:
+        raise SpinedetError(f"test COCO categories {list(standard.params.catIds)} are not 1..n in the config's "
+                            f"classes order {classes}")
     # stats: 0 AP, 1 AP50, 2 AP75, ..., 8 AR@100 (area all)
     stats = standard.stats
     iou50 = int(np.argmin(np.abs(standard.params.iouThrs - 0.5)))

@@ -437,8 +437,10 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
     try:
         # Our own file (RNG states include numpy arrays, which weights_only refuses).
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        log.warning("ignoring unreadable checkpoint %s (%s): starting from epoch 1", path, exc)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: keep it aside and start over
+        kept = path.with_name(path.name + ".unreadable")
+        path.replace(kept)
+        log.warning("unreadable checkpoint %s (%s), kept as %s: starting from epoch 1", path, exc, kept)
         return None
     if checkpoint.get("fingerprint") != fingerprint:
         log.warning(
