@@ -113,6 +113,75 @@ def test_forward_train_and_eval_on_grayscale(arch):
         assert outputs[0]["boxes"].max() <= 64  # boxes come back in input pixels
 
 
+NORM_TYPES = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": torch.nn.BatchNorm2d,
+    "gn": torch.nn.GroupNorm,
+}
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn", "gn", "none"])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_every_norm_builds_and_takes_a_training_step(arch, norm):
+    torch.manual_seed(0)
+    model = build_model({**CONFIGS[arch], "norm": norm}, num_classes=3, image_size=64)
+    kinds = {type(m) for m in model.backbone.modules()}
+    norms = kinds & {FrozenBatchNorm2d, torch.nn.BatchNorm2d, torch.nn.GroupNorm}
+    assert norms == ({NORM_TYPES[norm]} if norm in NORM_TYPES else set())
+    if arch == "fasterrcnn_resnet50_fpn" and norm in ("bn", "gn"):
+        fpn_kinds = {type(m) for m in model.backbone.fpn.modules()}
+        assert NORM_TYPES[norm] in fpn_kinds  # the neck is normalised too
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001)
+    before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
+    losses = model(
+        [torch.rand(1, 64, 64), torch.rand(1, 64, 64)],
+        [{"boxes": torch.tensor([[10.0, 12.0, 30.0, 28.0]]), "labels": torch.tensor([2])},
+         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}],
+    )
+    loss = sum(losses.values())
+    assert math.isfinite(float(loss.detach()))
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(before, model.roi_heads.box_predictor.cls_score.weight)
+
+
+def test_default_norm_is_gn_from_scratch_and_frozen_bn_on_pretrained_weights():
+    from spinedet.models import model_norm
+
+    assert model_norm(RESNET) == "gn"
+    assert model_norm({**RESNET, "pretrained": "imagenet"}) == "frozen_bn"
+    with pytest.raises(SpinedetError, match="not one of"):
+        model_norm({**RESNET, "norm": "layernorm"})
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_pretrained_weights_with_group_norm_are_refused(arch, tmp_path):
+    with pytest.raises(SpinedetError, match="weights fit norm"):
+        build_model({**CONFIGS[arch], "pretrained": "imagenet", "norm": "gn"}, num_classes=3, image_size=64)
+
+
+def test_vgg16_output_stride_8_drops_pool4_and_keeps_weight_names():
+    at16 = build_model({**VGG, "norm": "bn"}, num_classes=3, image_size=128).backbone
+    at8 = build_model({**VGG, "norm": "bn", "output_stride": 8}, num_classes=3, image_size=128).backbone
+    assert at8(torch.zeros(1, 3, 128, 96)).shape == (1, 512, 16, 12)
+    assert at16(torch.zeros(1, 3, 128, 96)).shape == (1, 512, 8, 6)
+    assert at8.state_dict().keys() == at16.state_dict().keys()
+    with pytest.raises(SpinedetError, match="output_stride"):
+        build_model({**VGG, "output_stride": 4}, num_classes=3, image_size=128)
+
+
+def test_crops_are_not_resized_to_the_slice_size():
+    """min_size = max_size = 128 would scale a 64 px crop up 2x; the native transform keeps it."""
+    model = build_model(RESNET, num_classes=3, image_size=128)
+    boxes = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    batch, targets = model.transform([torch.rand(1, 64, 64)], [{"boxes": boxes, "labels": torch.tensor([1])}])
+    assert batch.image_sizes == [(64, 64)] and torch.equal(targets[0]["boxes"], boxes)
+    resizing = build_model({**RESNET, "min_size": 128, "max_size": 128}, num_classes=3, image_size=128)
+    batch, _ = resizing.transform([torch.rand(1, 64, 64)])
+    assert batch.image_sizes == [(128, 128)]
+
+
 def test_grayscale_transform_repeats_the_channel():
     model = build_model(RESNET, num_classes=3, image_size=64)
     batch, _ = model.transform([torch.full((1, 64, 64), 0.5)])
@@ -149,6 +218,19 @@ def test_vgg16_loads_local_backbone_state_dict(tmp_path):
         assert torch.equal(value, saved[f"features.{key}"]), key
     assert not model.backbone[0].weight.requires_grad  # conv1_1 frozen on pretrained weights
     assert model.backbone[28].weight.requires_grad  # conv5_3 trains
+
+
+def test_vgg16_bn_loads_a_vgg16_bn_state_dict(tmp_path):
+    torch.manual_seed(5)
+    saved = {f"features.{k}": v for k, v in torchvision.models.vgg16_bn(weights=None).features.state_dict().items()}
+    path = tmp_path / "vgg16_bn_backbone.pth"
+    torch.save(saved, path)
+    model = build_model({**VGG, "pretrained": str(path), "norm": "frozen_bn"}, num_classes=3, image_size=128)
+    loaded = model.backbone.state_dict()
+    assert torch.equal(loaded["40.weight"], saved["features.40.weight"])  # conv5_3
+    assert torch.equal(loaded["41.running_var"], saved["features.41.running_var"])
+    assert isinstance(model.backbone[1], FrozenBatchNorm2d)
+    assert not model.backbone[0].weight.requires_grad and model.backbone[40].weight.requires_grad
 
 
 def test_state_dict_of_another_network_is_refused(tmp_path):

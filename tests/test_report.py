@@ -26,6 +26,13 @@ CLASSES = ["disc_herniation", "cord_injury"]
 MODELS = ["resnet50", "vgg16"]
 EVALUATE = {"score_threshold": 0.05, "froc_iou": 0.5, "froc_fps": [0.125, 0.25, 0.5, 1, 2, 4, 8], "bootstrap": 40}
 SIZE = 96
+MODEL_CONFIGS = {
+    "resnet50": {"arch": "fasterrcnn_resnet50_fpn", "pretrained": "none", "norm": "gn", "epochs": 5,
+                 "max_iters_per_epoch": 10, "batch_size": 4, "lr": 0.02, "crop_size": 64,
+                 "lesion_crop_share": 0.7, "sampler": "class_balanced"},
+    "vgg16": {"arch": "fasterrcnn_vgg16", "pretrained": "imagenet", "norm": "none", "output_stride": 8,
+              "epochs": 5, "batch_size": 2, "lr": 0.01},
+}
 
 
 def fixture_test_split(rng: np.random.Generator) -> dict:
@@ -36,7 +43,7 @@ def fixture_test_split(rng: np.random.Generator) -> dict:
         images.append({"id": image_id, "file_name": f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png",
                        "width": SIZE, "height": SIZE, "patient": patient,
                        "group": ["disc", "injured", "normal", "disc"][(image_id - 1) // 2],
-                       "slice_index": image_id})
+                       "slice_index": image_id, "pixel_height_mm": 0.9, "pixel_width_mm": 0.8})
         if image_id in (5, 6):
             continue
         x, y = rng.uniform(10, 60, 2)
@@ -97,7 +104,8 @@ def write_results(results: Path, seed: int = 0, timing_scale: float = 1.0) -> No
         (out / "metrics.json").write_text(json.dumps(
             {"model": model, "arch": f"fasterrcnn_{model}", "score_threshold": 0.05,
              "weights": {"epoch": 5, "val_ap50": 0.5, "parameters": {"total": 41_000_000 - n * 9_000_000,
-                                                                     "trainable": 1}}, **body}))
+                                                                     "trainable": 1},
+                         "model_config": MODEL_CONFIGS[model]}, **body}))
         (out / "detections.json").write_text(json.dumps(detections))
         (out / "timing.json").write_text(json.dumps(fixture_timing(model, timing_scale * (0.05 + 0.03 * n))))
         log = results / "models" / model
@@ -177,6 +185,36 @@ def test_report_has_both_models_paper_rows_and_banner(rendered):
     manifest = re.search(r"config sha256</dt><dd>([0-9a-f]{64})</dd>", html)
     assert manifest and "seed</dt><dd>20200901" in html
     assert "Test CPU 3000" in html
+
+
+def test_report_names_each_recipe_and_its_departures_from_the_paper(rendered):
+    html = (rendered / "report.html").read_text()
+    md = (rendered / "report.md").read_text()
+    for text in (html, md):
+        assert "ResNet-50 + FPN, GroupNorm" in text
+        assert "GroupNorm instead of batch norm; trained from scratch (no ImageNet weights); trained on 64 px crops, " \
+               "70 % holding a lesion (inference on whole slices)" in text
+        assert "5 epochs of 10 iterations, batch 4, lr 0.02 (cosine), weights: none, 64 px crops, " \
+               "class-balanced sampling" in text
+        assert "VGG-16 conv5_3, stride 8, no normalisation" in text
+        assert "stride 8 (pool4 removed; the paper's conv5_3 is at stride 16)" in text
+
+
+def test_report_gives_the_test_lesion_sizes(rendered):
+    md = (rendered / "report.md").read_text()
+    # fixture: 18 x 12 px boxes on 0.8 x 0.9 mm pixels; classes alternate by image id
+    assert "| Disc herniation | 3 | 3 | 18 (18–18) | 12 (12–12) | 14.4 (14.4–14.4) | 10.8 (10.8–10.8) |" in md
+    assert "| Cord injury | 3 | 3 | 18 (18–18) | 12 (12–12) |" in md
+    assert 'id="lesion-sizes"' in (rendered / "report.html").read_text()
+
+
+def test_lesion_sizes_without_pixel_spacing_are_given_in_pixels_only():
+    coco = {"images": [{"id": 1, "patient": "a"}], "annotations": [{"image_id": 1, "category_id": 1,
+                                                                    "bbox": [0, 0, 4, 6]}]}
+    rows = report.lesion_sizes(coco, CLASSES)
+    assert rows[0]["width_px"] == "4 (4–4)" and rows[0]["width_mm"] == "n/a"
+    assert rows[1] == {"class": "Cord injury", "boxes": 0, "patients": 0, "width_px": "n/a", "height_px": "n/a",
+                       "width_mm": "n/a", "height_mm": "n/a"}
 
 
 def test_report_is_self_contained(rendered):

@@ -536,3 +536,16 @@ def test_smoke_slices_feed_the_split(smoke_slices, tmp_path):
             assert (results / "slices" / image["file_name"]).is_file()
         images += len(coco.imgs)
     assert images == sum(len(json.loads(Path(c).read_text())["images"]) for c in cocos)
+
+
+def test_images_carry_their_pixel_spacing_from_the_affine(tmp_path):
+    # Volume axes L->R (3 mm), P->A (0.7 mm), I->S (0.9 mm): canonical rows run
+    # superior->inferior (0.9 mm), columns anterior->posterior (0.7 mm).
+    affine = np.diag([3.0, 0.7, 0.9, 1.0])
+    data = np.arange(9 * 32 * 48, dtype=np.float32).reshape(9, 32, 48)
+    volume, boxes_path = write_patient(tmp_path, "P3", data, affine, [], 0, "normal")
+    coco = write_patient_slices(volume, boxes_path, tmp_path / "slices", make_config(half_width=1))
+    for image in coco["images"]:
+        assert (image["height"], image["width"]) == (48, 32)
+        assert image["pixel_height_mm"] == pytest.approx(0.9)
+        assert image["pixel_width_mm"] == pytest.approx(0.7)

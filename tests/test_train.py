@@ -187,21 +187,52 @@ def test_scheduler_steps_per_iteration():
     assert lrs == pytest.approx([0.1] * 4 + [0.05] * 4)
 
 
-def test_anchor_report_matches_box_sizes_to_anchors():
+def test_anchor_report_uses_the_real_stride_grid():
+    """VGG-16 at stride 16 puts 16 px anchors at multiples of 16: a box on that
+    grid is matched, the same box shifted by half a stride is not (a centred
+    anchor would match both)."""
+    model_cfg = {**VGG, "anchor_sizes": [[16]], "aspect_ratios": [[1.0]], "norm": "none"}
+    model = build_model(model_cfg, num_classes=3, image_size=128)
     coco = {
         "annotations": [
-            {"bbox": [0, 0, 16, 16], "category_id": 1},
-            {"bbox": [0, 0, 30, 34], "category_id": 1},
-            {"bbox": [0, 0, 200, 3], "category_id": 2},  # no anchor shape comes close
+            {"bbox": [24, 24, 16, 16], "category_id": 1},  # centre (32, 32): on the grid
+            {"bbox": [32, 32, 16, 16], "category_id": 1},  # centre (40, 40): between anchors
+            {"bbox": [0, 0, 100, 3], "category_id": 2},  # no anchor comes close
         ]
     }
-    report = anchor_report(coco, CLASSES, {"anchor_sizes": [[16], [32]], "aspect_ratios": [[1.0], [1.0]]})
-    assert report["classes"]["disc_herniation"]["boxes"] == 2
-    assert report["classes"]["disc_herniation"]["fraction_matched"] == 1.0
+    report = anchor_report(coco, CLASSES, model_cfg, model, 128)
+    herniation = report["classes"]["disc_herniation"]
+    assert herniation["boxes"] == 2
+    assert herniation["fraction_matched"] == 0.5 and herniation["fraction_matched_iou07"] == 0.5
+    assert herniation["anchors_iou05_per_box"] == 0.5
     assert report["classes"]["cord_injury"]["fraction_matched"] == 0.0
-    assert report["all"]["fraction_matched"] == pytest.approx(2 / 3, abs=1e-3)
-    assert report["classes"]["disc_herniation"]["width_px"]["p50"] == pytest.approx(23.0)
+    assert report["all"]["fraction_matched"] == pytest.approx(1 / 3, abs=1e-3)
+    assert herniation["width_px"]["p50"] == pytest.approx(16.0)
+    assert report["anchors"] == (128 // 16) ** 2 and report["rpn_fg_iou_thresh"] == 0.7
+    assert model.training  # left as it was
     json.dumps(report)  # written as anchors.json
+
+
+def test_training_set_crops_and_samples_as_configured(blobs):
+    coco = json.loads(blobs["train"].read_text())
+    cfg = {**RESNET, "crop_size": 64, "lesion_crop_share": 1.0, "sampler": "class_balanced", "negative_share": 0.1}
+    dataset, weights = train_module.training_set(coco, blobs["images"], cfg, CLASSES)
+    torch.manual_seed(0)
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        assert image.shape == (1, 64, 64)
+        assert len(target["boxes"]) >= (1 if coco["images"][index]["id"] > 1 else 0)
+    assert sum(weights) == pytest.approx(1.0)
+    uniform, none = train_module.training_set(coco, blobs["images"], RESNET, CLASSES)
+    assert none is None and uniform[0][0].shape == (1, 128, 128)
+
+
+def test_weighted_loader_draws_the_asked_number_of_images(blobs):
+    dataset = CocoSlices(blobs["train"], blobs["images"])
+    weights = [0.0] * 5 + [1.0]  # only the last image can be drawn
+    loader = train_module.make_loader(dataset, 2, True, 0, seed=3, weights=weights, samples=6)
+    ids = [t["image_id"] for _, targets in loader for t in targets]
+    assert ids == [6] * 6
 
 
 def test_coco_ap50_perfect_missing_and_empty():

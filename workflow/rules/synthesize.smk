@@ -14,6 +14,7 @@ if config["demo"]["enabled"]:
             patients=config["demo"]["patients"],
             matrix=config["demo"]["matrix"],
             seed=config["demo"]["seed"],
+        threads: 8  # patients written in parallel; snakemake caps it at --cores
         log:
             f"{LOGS}/synthesize.log",
         benchmark:
@@ -23,4 +24,4 @@ if config["demo"]["enabled"]:
         shell:
             "spinedet synthesize --out {params.out} --patients {params.patients}"
             " --matrix {params.matrix} --seed {params.seed} --preview {output.preview}"
-            " --config {params.config} > {log} 2>&1"
+            " --config {params.config} --workers {threads} > {log} 2>&1"

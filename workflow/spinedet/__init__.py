@@ -5,3 +5,18 @@ __version__ = "0.1.0"
 
 class SpinedetError(Exception):
     """An error a user can act on: printed as one line, without a traceback."""
+
+
+def silence_pydicom() -> None:
+    """pydicom logs and warns with bad header values verbatim (a UID, a name):
+    never into logs/, which sit outside restricted/. The values stay where
+    they belong, in restricted/inventory/files.csv. Called by the CLI and by
+    every worker process that reads or writes DICOM."""
+    import logging
+    import warnings
+
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.propagate = False
+    if not any(isinstance(h, logging.NullHandler) for h in pydicom_log.handlers):
+        pydicom_log.addHandler(logging.NullHandler())
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

@@ -11,9 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
-import warnings
 
-from spinedet import SpinedetError
+from spinedet import SpinedetError, silence_pydicom
 
 STAGES = {
     "synthesize": "Write the synthetic cervical-spine DICOM export (demo data).",
@@ -56,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pydicom logs bad header values verbatim (a UID, a name): never into
-    # logs/, which sit outside restricted/. The values stay where they
-    # belong, in restricted/inventory/files.csv.
-    pydicom_log = logging.getLogger("pydicom")
-    pydicom_log.propagate = False
-    pydicom_log.addHandler(logging.NullHandler())
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    silence_pydicom()
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

@@ -44,3 +44,18 @@ def validate(config: dict) -> None:
     from spinedet.config_check import check_config
 
     check_config(config, SCHEMA_PATH)
+
+
+NORMS = ("frozen_bn", "bn", "gn", "none")
+
+
+def is_pretrained(model_cfg: dict) -> bool:
+    return str(model_cfg.get("pretrained", "none")).lower() != "none"
+
+
+def model_norm(model_cfg: dict) -> str:
+    """A model's `norm`, or its default: frozen_bn on pretrained weights, gn from scratch."""
+    norm = model_cfg.get("norm") or ("frozen_bn" if is_pretrained(model_cfg) else "gn")
+    if norm not in NORMS:
+        raise SpinedetError(f"models.*.norm: {norm!r} is not one of {', '.join(NORMS)}")
+    return norm

@@ -11,6 +11,7 @@ Slices without boxes stay in the dataset as negatives (boxes of shape (0, 4)).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,106 @@ def train_transforms(hflip: bool = False) -> v2.Compose:
         v2.SanitizeBoundingBoxes(min_size=1.0),
     ]
     return v2.Compose(steps)
+
+
+class LesionCrop(torch.nn.Module):
+    """A square training crop of `size` px; with probability `lesion_share` it
+    holds a randomly chosen box whole, at a random place in the crop.
+
+    The lesions lie in a narrow band along the canal, so most of a whole slice
+    teaches the detector only "background". Boxes the crop cuts keep their
+    visible part when at least half of them is left, else they are dropped
+    (a sliver is no lesion to learn). Slices no larger than `size` pass as
+    they are. Crops keep their native pixels: the model must not resize them
+    (see models.GrayscaleRCNNTransform).
+    """
+
+    def __init__(self, size: int, lesion_share: float = 0.7, min_visible: float = 0.5):
+        super().__init__()
+        self.size = int(size)
+        self.lesion_share = float(lesion_share)
+        self.min_visible = float(min_visible)
+
+    def window(self, height: int, width: int, boxes: torch.Tensor) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width), drawn with torch's RNG."""
+        crop_h, crop_w = min(self.size, height), min(self.size, width)
+        top_max, left_max = height - crop_h, width - crop_w
+        if len(boxes) and float(torch.rand(())) < self.lesion_share:
+            x0, y0, x1, y1 = boxes[int(torch.randint(len(boxes), ()))].tolist()
+            # every window position that holds the box whole (or as much of it as fits)
+            left_lo, left_hi = max(0, math.ceil(x1) - crop_w), min(left_max, math.floor(x0))
+            top_lo, top_hi = max(0, math.ceil(y1) - crop_h), min(top_max, math.floor(y0))
+            left_lo, top_lo = min(left_lo, left_hi), min(top_lo, top_hi)
+        else:
+            left_lo, left_hi, top_lo, top_hi = 0, left_max, 0, top_max
+        top = int(torch.randint(top_lo, top_hi + 1, ()))
+        left = int(torch.randint(left_lo, left_hi + 1, ()))
+        return top, left, crop_h, crop_w
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor):
+        height, width = image.shape[-2:]
+        if height <= self.size and width <= self.size:
+            return image, boxes, labels
+        top, left, crop_h, crop_w = self.window(height, width, boxes)
+        image = image[..., top:top + crop_h, left:left + crop_w]
+        shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+        clipped = torch.stack([
+            shifted[:, 0].clamp(0, crop_w), shifted[:, 1].clamp(0, crop_h),
+            shifted[:, 2].clamp(0, crop_w), shifted[:, 3].clamp(0, crop_h),
+        ], dim=1).reshape(-1, 4)
+        area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
+        visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        keep = visible >= self.min_visible * area.clamp(min=1e-6)
+        return image, clipped[keep], labels[keep]
+
+
+class TrainingSlices(torch.utils.data.Dataset):
+    """CocoSlices for training: jitter on the whole slice, then an optional box-aware crop."""
+
+    def __init__(self, slices: CocoSlices, crop: LesionCrop | None):
+        self.slices = slices
+        self.crop = crop
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int):
+        image, target = self.slices[index]
+        if self.crop is not None:
+            image, target["boxes"], target["labels"] = self.crop(image, target["boxes"], target["labels"])
+        return image, target
+
+
+def sampling_weights(coco: dict, classes: list[str], negative_share: float) -> list[float]:
+    """Per-image weights for class-balanced sampling, in image id order.
+
+    Lesion-free slices together get `negative_share` of the draws; the rest is
+    shared equally by the classes, each image counted under the rarest class
+    it shows, so a class seen on few slices is drawn as often as a common one.
+    """
+    images = sorted(coco["images"], key=lambda img: img["id"])
+    per_class_count = {k: 0 for k in range(1, len(classes) + 1)}
+    image_classes: dict[int, set[int]] = {img["id"]: set() for img in images}
+    for ann in coco["annotations"]:
+        image_classes[ann["image_id"]].add(int(ann["category_id"]))
+    for found in image_classes.values():
+        for k in found:
+            per_class_count[k] += 1
+    present = [k for k, n in per_class_count.items() if n]
+    negatives = sum(1 for found in image_classes.values() if not found)
+    if not present:
+        return [1.0] * len(images)
+    share = {k: (1 - negative_share) / len(present) for k in present} if negatives else {
+        k: 1.0 / len(present) for k in present}
+    weights = []
+    for img in images:
+        found = image_classes[img["id"]]
+        if not found:
+            weights.append(negative_share / negatives)
+        else:
+            rarest = min(found, key=lambda k: per_class_count[k])
+            weights.append(share[rarest] / per_class_count[rarest])
+    return weights
 
 
 def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:

@@ -153,6 +153,7 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
             "epoch": meta.get("epoch"),
             "val_ap50": meta.get("val_ap50"),
             "parameters": count_parameters(model),
+            "model_config": meta.get("model_config"),
         },
         "score_threshold": score_threshold,
         **metrics_lib.evaluate_detections(test_coco, detections, classes, evaluate_config, int(config["seed"])),

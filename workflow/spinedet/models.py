@@ -5,6 +5,15 @@ Every detector takes grayscale slices (float tensors [1, H, W] in 0..1); the
 model's own transform repeats the channel to the 3 channels the backbones
 expect and normalises with grayscale statistics, so the files stay 1-channel.
 
+Normalisation (`norm:` in a model config), in the backbone and the FPN:
+- `frozen_bn`: batch norm with fixed statistics and affine terms
+  (torchvision's choice on pretrained weights; the default with them);
+- `bn`: trainable batch norm (statistics from each small batch);
+- `gn`: GroupNorm, 32 groups (He, Girshick & Dollar 2019: detectors trained
+  from scratch with GN match pretrained ones); the default from scratch;
+- `none`: no normalisation layer (the original VGG-16).
+The box head (two fully connected layers) has none in every variant.
+
 Backbone weights (`pretrained:` in a model config):
 - `none`: random initialisation; nothing is downloaded or read.
 - `imagenet`: torchvision's ImageNet classification weights, read from the
@@ -34,6 +43,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from spinedet import SpinedetError
+from spinedet.config import is_pretrained, model_norm
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +55,33 @@ DEFAULT_ASPECT_RATIOS = [0.5, 1.0, 2.0]
 
 # conv1_1 .. conv2_2 and pool2: frozen when starting from pretrained weights,
 # as in the original Faster R-CNN (they are generic edge detectors).
-VGG16_FROZEN_MODULES = 10
+VGG16_FROZEN_CONVS = 4
+GROUPNORM_GROUPS = 32
+# VGG-16's output stride is 16 at conv5_3 (the paper's); 8 drops pool4.
+VGG16_OUTPUT_STRIDES = (16, 8)
 
 
 class GrayscaleRCNNTransform(GeneralizedRCNNTransform):
-    """GeneralizedRCNNTransform that accepts 1-channel images by repeating the channel."""
+    """GeneralizedRCNNTransform that accepts 1-channel images by repeating the channel.
+
+    With `native_size` it never resamples: torchvision would scale a 128 px
+    training crop up to min_size (256) and the model would learn lesions at
+    twice their size. Images keep their pixels; only batching pads them.
+    """
+
+    def __init__(self, *args, native_size: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.native_size = native_size
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[0] == 1:
             image = image.expand(3, -1, -1)
         return super().normalize(image)
+
+    def resize(self, image, target=None):
+        if self.native_size:
+            return image, target
+        return super().resize(image, target)
 
 
 def imagenet_state_dict(weights: torchvision.models.WeightsEnum) -> dict:
@@ -94,8 +121,24 @@ def local_state_dict(path: str | Path) -> dict:
     return state
 
 
-def is_pretrained(model_cfg: dict) -> bool:
-    return str(model_cfg.get("pretrained", "none")).lower() != "none"
+def norm_layer(norm: str) -> Callable[[int], nn.Module] | None:
+    """A factory `channels -> normalisation module`, or None for `none`."""
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(GROUPNORM_GROUPS, channels)
+    return None
+
+
+def check_pretrained_norm(model_cfg: dict, norm: str, fitting: tuple[str, ...]) -> None:
+    if is_pretrained(model_cfg) and norm not in fitting:
+        raise SpinedetError(
+            f"models.*: pretrained: {model_cfg['pretrained']} with norm: {norm} - the "
+            f"{model_cfg['arch']} weights fit norm {' or '.join(fitting)} only; "
+            "use one of those, or pretrained: none"
+        )
 
 
 def backbone_state_dict(pretrained: str, imagenet_weights: torchvision.models.WeightsEnum) -> dict | None:
@@ -143,22 +186,23 @@ def aspect_ratios(model_cfg: dict) -> list[list[float]]:
 def detector_options(model_cfg: dict, image_size: int) -> dict:
     """FasterRCNN keyword arguments shared by every architecture."""
     return {
+        # Keyword arguments of torchvision's FasterRCNN: proposal and sampling
+        # counts, thresholds (e.g. 300 test proposals as in the original).
+        **model_cfg.get("detector_kwargs", {}),
         # By default min_size = max_size = the native slice size: no resampling
         # (torchvision's default 800 would upsample and cost about 3x).
         "min_size": int(model_cfg.get("min_size") or image_size),
         "max_size": int(model_cfg.get("max_size") or image_size),
         "image_mean": GRAYSCALE_MEAN,
         "image_std": GRAYSCALE_STD,
-        # Proposal and sampling counts (torchvision FasterRCNN keywords), e.g.
-        # 300 test proposals as in the original Faster R-CNN instead of 1000.
-        **model_cfg.get("detector_kwargs", {}),
     }
 
 
-def use_grayscale_transform(model: FasterRCNN) -> FasterRCNN:
+def use_grayscale_transform(model: FasterRCNN, model_cfg: dict) -> FasterRCNN:
     old = model.transform
     model.transform = GrayscaleRCNNTransform(
-        old.min_size, old.max_size, old.image_mean, old.image_std, size_divisible=old.size_divisible
+        old.min_size, old.max_size, old.image_mean, old.image_std, size_divisible=old.size_divisible,
+        native_size=not (model_cfg.get("min_size") or model_cfg.get("max_size")),
     )
     return model
 
@@ -167,43 +211,78 @@ def build_fasterrcnn_resnet50_fpn(
     model_cfg: dict, num_classes: int, image_size: int, load_weights: bool = True
 ) -> FasterRCNN:
     is_trained = is_pretrained(model_cfg)
-    # torchvision's choice: frozen BN and 3 trainable stages on pretrained
-    # weights; plain BN and everything trainable from scratch.
-    norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    norm = model_norm(model_cfg)
+    check_pretrained_norm(model_cfg, norm, ("frozen_bn", "bn"))
+    # torchvision's choice: 3 trainable stages on pretrained weights,
+    # everything trainable from scratch.
     trainable_layers = 3 if is_trained else 5
-    resnet = torchvision.models.resnet50(weights=None, norm_layer=norm_layer)
+    layer = norm_layer(norm) or (lambda channels: nn.Identity())
+    resnet = torchvision.models.resnet50(weights=None, norm_layer=layer)
     if is_trained and load_weights:
         state = backbone_state_dict(model_cfg["pretrained"], torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
         load_backbone_weights(resnet, state, "fc.", str(model_cfg["pretrained"]))
-    backbone = _resnet_fpn_extractor(resnet, trainable_layers)
+    # The FPN gets the same trainable normalisation (none for frozen_bn, as torchvision).
+    fpn_norm = None if norm == "frozen_bn" else norm_layer(norm)
+    backbone = _resnet_fpn_extractor(resnet, trainable_layers, norm_layer=fpn_norm)
     model = FasterRCNN(
         backbone,
         num_classes=num_classes,
         rpn_anchor_generator=anchor_generator(model_cfg, levels=5),
         **detector_options(model_cfg, image_size),
     )
-    return use_grayscale_transform(model)
+    return use_grayscale_transform(model, model_cfg)
+
+
+def vgg16_features(norm: str, output_stride: int = 16) -> nn.Sequential:
+    """VGG-16's 13 convolutions in torchvision's `features` layout, each followed
+    by the normalisation (as vgg16_bn when norm is bn) and ReLU; the last
+    max-pool dropped, so conv5_3 comes out at stride 16. At output_stride 8,
+    pool4 becomes an identity (module indices, and so weight names, stay).
+    """
+    layer = norm_layer(norm)
+    modules: list[nn.Module] = []
+    channels = 3
+    pools = 0
+    for width in torchvision.models.vgg.cfgs["D"]:
+        if width == "M":
+            pools += 1
+            keep = pools < 5 and not (pools == 4 and output_stride == 8)
+            modules.append(nn.MaxPool2d(kernel_size=2, stride=2) if keep else nn.Identity())
+            continue
+        conv = nn.Conv2d(channels, width, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.constant_(conv.bias, 0)
+        modules.append(conv)
+        if layer is not None:
+            modules.append(layer(width))
+        modules.append(nn.ReLU(inplace=True))
+        channels = width
+    return nn.Sequential(*modules[:-1])  # the fifth pool (an identity placeholder) goes
 
 
 def vgg16_backbone(model_cfg: dict, load_weights: bool = True) -> nn.Sequential:
-    """VGG-16 `features` through conv5_3 + ReLU (the last max-pool dropped): stride 16, 512 channels.
+    """VGG-16 `features` through conv5_3 + ReLU: stride 16 (or 8), 512 channels.
 
-    Built without VGG's classifier (120M parameters the detector never uses);
-    `layers` get the same initialisation as torchvision's VGG.
+    Built without VGG's classifier (120M parameters the detector never uses).
+    ImageNet weights: vgg16 for norm none, vgg16_bn for bn and frozen_bn.
     """
-    layers = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"], batch_norm=False)
-    for module in layers.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.constant_(module.bias, 0)
+    norm = model_norm(model_cfg)
+    check_pretrained_norm(model_cfg, norm, ("none", "bn", "frozen_bn"))
+    output_stride = int(model_cfg.get("output_stride", 16))
+    if output_stride not in VGG16_OUTPUT_STRIDES:
+        raise SpinedetError(f"models.*.output_stride: {output_stride} is not one of {VGG16_OUTPUT_STRIDES}")
+    backbone = vgg16_features(norm, output_stride)
     if is_pretrained(model_cfg) and load_weights:
-        state = backbone_state_dict(model_cfg["pretrained"], torchvision.models.VGG16_Weights.IMAGENET1K_V1)
+        weights = (torchvision.models.VGG16_Weights.IMAGENET1K_V1 if norm == "none"
+                   else torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
+        state = backbone_state_dict(model_cfg["pretrained"], weights)
         # A VGG-16 classification state dict: features.N.* are ours, classifier.* is not needed.
         features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-        load_backbone_weights(layers, features, "classifier.", str(model_cfg["pretrained"]))
-    backbone = layers[:-1]
+        load_backbone_weights(backbone, features, "classifier.", str(model_cfg["pretrained"]))
     if is_pretrained(model_cfg):
-        for module in backbone[:VGG16_FROZEN_MODULES]:
+        convs = [i for i, m in enumerate(backbone) if isinstance(m, nn.Conv2d)]
+        # through pool2, which follows the fourth convolution's ReLU
+        for module in backbone[: convs[VGG16_FROZEN_CONVS] ]:
             module.requires_grad_(False)
     backbone.out_channels = 512
     return backbone
@@ -220,7 +299,7 @@ def build_fasterrcnn_vgg16(
         box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2),
         **detector_options(model_cfg, image_size),
     )
-    return use_grayscale_transform(model)
+    return use_grayscale_transform(model, model_cfg)
 
 
 ARCHITECTURES: dict[str, Callable[..., FasterRCNN]] = {

@@ -301,7 +301,7 @@ def draw_lesions(rng: np.random.Generator, anatomy: Anatomy, role: str, labels: 
                 s_center=anatomy.level_s(level) + rng.uniform(-1.5, 1.0),
                 s_half=min(6.0, height / 2 + rng.uniform(1.5, 3.5)),
                 x_center=rng.uniform(-3, 3), x_half=rng.uniform(4.5, 7),
-                depth=rng.uniform(3.0, 6.5), intensity=rng.uniform(0.25, 0.4),
+                depth=rng.uniform(2.0, 6.0), intensity=rng.uniform(0.25, 0.4),
             ))
             anatomy.disc_degeneration[disc] = max(anatomy.disc_degeneration[disc], rng.uniform(0.5, 1.0))
     return lesions

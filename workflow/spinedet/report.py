@@ -168,7 +168,81 @@ def test_set_facts(test_coco: dict, classes: list[str]) -> dict:
         "images": len(test_coco["images"]),
         "images_with_lesion": len(with_lesion),
         "lesions": {name: lesions.get(k + 1, 0) for k, name in enumerate(classes)},
+        "lesion_sizes": lesion_sizes(test_coco, classes),
     }
+
+
+def size_range(values: list[float], digits: int) -> str:
+    """'median (5th-95th percentile)' of `values`."""
+    if not values:
+        return "n/a"
+    p5, p50, p95 = np.percentile(values, [5, 50, 95])
+    return f"{p50:.{digits}f} ({p5:.{digits}f}–{p95:.{digits}f})"
+
+
+def lesion_sizes(test_coco: dict, classes: list[str]) -> list[dict]:
+    """Per class: boxes, patients, and box width and height in pixels and, where the
+    slices carry their pixel spacing, in mm (median and 5th-95th percentile)."""
+    images = {img["id"]: img for img in test_coco["images"]}
+    rows = []
+    for k, name in enumerate(classes, start=1):
+        anns = [a for a in test_coco["annotations"] if a["category_id"] == k]
+        spaced = [a for a in anns if "pixel_width_mm" in images[a["image_id"]]]
+        mm = len(spaced) == len(anns) and anns
+        rows.append({
+            "class": pretty(name).capitalize(),
+            "boxes": len(anns),
+            "patients": len({images[a["image_id"]].get("patient") for a in anns}),
+            "width_px": size_range([a["bbox"][2] for a in anns], 0),
+            "height_px": size_range([a["bbox"][3] for a in anns], 0),
+            "width_mm": size_range([a["bbox"][2] * images[a["image_id"]]["pixel_width_mm"] for a in anns], 1)
+            if mm else "n/a",
+            "height_mm": size_range([a["bbox"][3] * images[a["image_id"]]["pixel_height_mm"] for a in anns], 1)
+            if mm else "n/a",
+        })
+    return rows
+
+
+NORM_NAMES = {"frozen_bn": "frozen batch norm", "bn": "batch norm", "gn": "GroupNorm", "none": "no normalisation"}
+
+
+def model_recipe(name: str, model_cfg: dict | None) -> dict:
+    """How a model was built and trained, and where it departs from Ma et al.'s
+    Faster R-CNN (ImageNet-initialised ResNet-50 / VGG-16, whole images)."""
+    from spinedet.config import model_norm
+
+    if not model_cfg:
+        return {"model": name, "backbone": "n/a", "training": "n/a", "departures": "n/a"}
+    arch = model_cfg.get("arch", "")
+    norm = model_norm(model_cfg)
+    pretrained = str(model_cfg.get("pretrained", "none"))
+    departures = []
+    if arch == "fasterrcnn_vgg16":
+        stride = int(model_cfg.get("output_stride", 16))
+        backbone = f"VGG-16 conv5_3, stride {stride}, {NORM_NAMES[norm]}"
+        if stride != 16:
+            departures.append(f"stride {stride} (pool4 removed; the paper's conv5_3 is at stride 16)")
+        if norm != "none":
+            departures.append(f"{NORM_NAMES[norm]} after each convolution (the paper's VGG-16 has none)")
+    else:
+        backbone = f"ResNet-50 + FPN, {NORM_NAMES[norm]}"
+        if norm not in ("frozen_bn", "bn"):
+            departures.append(f"{NORM_NAMES[norm]} instead of batch norm")
+    if pretrained.lower() == "none":
+        departures.append("trained from scratch (no ImageNet weights)")
+    iters = model_cfg.get("max_iters_per_epoch")
+    schedule = f"{model_cfg.get('epochs')} epochs" + (f" of {iters} iterations" if iters else "")
+    crop = model_cfg.get("crop_size")
+    if crop:
+        departures.append(f"trained on {crop} px crops, {100 * float(model_cfg.get('lesion_crop_share', 0.7)):.0f} % "
+                          "holding a lesion (inference on whole slices)")
+    sampler = model_cfg.get("sampler", "uniform")
+    training = (f"{schedule}, batch {model_cfg.get('batch_size')}, lr {model_cfg.get('lr')} "
+                f"({model_cfg.get('scheduler', 'cosine')}), weights: {pretrained}"
+                + (f", {crop} px crops" if crop else ", whole slices")
+                + (", class-balanced sampling" if sampler == "class_balanced" else ""))
+    return {"model": name, "backbone": backbone, "training": training,
+            "departures": "; ".join(departures) if departures else "none"}
 
 
 # ---------------------------------------------------------------- tables
@@ -545,6 +619,7 @@ def build_report(config: dict, model_names: list[str], results: Path, images_roo
         "inventory": inventory,
         "issues": issues,
         "rows": [display_row(row, classes) for row in rows],
+        "recipes": [model_recipe(m["name"], m["metrics"].get("weights", {}).get("model_config")) for m in models],
         "paper_rows": PAPER_ROWS,
         "paper_note": PAPER_NOTE,
         "figures": figures,

@@ -286,6 +286,8 @@ def write_patient_slices(volume_path: Path, boxes_path: Path, out_dir: Path, con
         stale.unlink()
 
     pixels = window_to_uint8(volume.data, list(settings["window_percentiles"]))
+    # mm per pixel along the canonical rows (height) and columns (width), from the affine
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
     images, annotations = [], []
     for image_id, slice_index in enumerate(
         tqdm(selected, desc=f"sub-{pseudonym} slices", unit="slice"), start=1
@@ -301,6 +303,8 @@ def write_patient_slices(volume_path: Path, boxes_path: Path, out_dir: Path, con
                 "patient": pseudonym,
                 "group": group,
                 "slice_index": slice_index,
+                "pixel_height_mm": round(float(spacing[1]), 6),
+                "pixel_width_mm": round(float(spacing[2]), 6),
             }
         )
         for box in (b for b in kept if b.slice_index == slice_index):

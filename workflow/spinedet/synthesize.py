@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import functools
 import io
 import logging
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +33,7 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from tqdm import tqdm
 
-from spinedet import SpinedetError, phantom
+from spinedet import SpinedetError, phantom, silence_pydicom
 
 log = logging.getLogger(__name__)
 
@@ -715,8 +717,10 @@ def _preview_slice(volume, geometry: SeriesGeometry, anatomy, lesions, boxes):
 # Whole export
 
 def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequence[str] = DEFAULT_CLASSES,
-               groups: Sequence[str] = DEFAULT_GROUPS, preview: Path | None = None) -> dict:
+               groups: Sequence[str] = DEFAULT_GROUPS, preview: Path | None = None, workers: int = 1) -> dict:
     """Write the export under `out` (DICOM/, annotations.csv, cohort.csv, truth/) and return a PHI-free summary.
+
+    `workers` processes write patients in parallel; the files are the same for any count.
 
     `classes` name (herniation, cord injury) and `groups` name the (disc,
     injured, normal) groups, in that order.
@@ -736,11 +740,20 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     assignment = np.repeat(np.arange(len(groups)), list(counts.values()))
     assignment = np.random.default_rng([seed, 0xC0 + 0x40]).permutation(assignment)
 
-    results: list[PatientResult] = []
-    for index in tqdm(range(patients), desc="synthesize", unit="patient"):
-        group_index = int(assignment[index])
-        results.append(synthesize_patient(out, seed=seed, index=index, group=groups[group_index],
-                                          role=ROLES[group_index], labels=tuple(classes), matrix=matrix))
+    jobs = [
+        {"root": out, "seed": seed, "index": index, "group": groups[int(assignment[index])],
+         "role": ROLES[int(assignment[index])], "labels": tuple(classes), "matrix": matrix}
+        for index in range(patients)
+    ]
+    # Each patient draws from its own generator (seed, index), so the files do
+    # not depend on how many workers write them.
+    workers = max(1, min(int(workers), patients))
+    progress = functools.partial(tqdm, total=patients, desc="synthesize", unit="patient")
+    if workers == 1:
+        results = [synthesize_patient(**job) for job in progress(jobs)]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=silence_pydicom) as pool:
+            results = list(progress(pool.imap(_synthesize_job, jobs)))
 
     with (out / "annotations.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=ANNOTATION_COLUMNS)
@@ -767,6 +780,10 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     }
     log.info("synthesized %d patients, %d files, %d boxes in %s", patients, summary["files"], summary["annotations"], out)
     return summary
+
+
+def _synthesize_job(job: dict) -> PatientResult:
+    return synthesize_patient(**job)
 
 
 def _case_name(index: int, patients: int) -> str:
@@ -885,6 +902,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
     parser.add_argument("--preview", type=Path, default=None, help="write a PNG montage of mid-sagittal slices with boxes")
     parser.add_argument("--config", nargs="+", default=None, help="config file(s); classes and groups are read from it")
+    parser.add_argument("--workers", type=int, default=1, help="patients written in parallel (same files for any count)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -896,6 +914,6 @@ def run(args: argparse.Namespace) -> int:
         classes = tuple(config.get("classes", classes))
         groups = tuple(config.get("groups", groups))
     summary = synthesize(args.out, args.patients, args.matrix, args.seed, classes=classes, groups=groups,
-                         preview=args.preview)
+                         preview=args.preview, workers=args.workers)
     log.info("groups: %s; lesions: %s", summary["groups"], summary["lesions"])
     return 0

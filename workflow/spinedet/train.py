@@ -43,7 +43,18 @@ import torch
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.data import CocoSlices, check_categories, collate, image_size, load_coco, train_transforms
+from spinedet.data import (
+    CocoSlices,
+    LesionCrop,
+    TrainingSlices,
+    check_categories,
+    coco_to_xyxy,
+    collate,
+    image_size,
+    load_coco,
+    sampling_weights,
+    train_transforms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +160,16 @@ def lr_factor(
     return warmup * main
 
 
-def build_optimizer(model: torch.nn.Module, model_cfg: dict) -> torch.optim.SGD:
+def build_optimizer(model: torch.nn.Module, model_cfg: dict) -> torch.optim.Optimizer:
+    """SGD with momentum (torchvision's detection reference) or AdamW (`optimizer:`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(
-        params,
-        lr=float(model_cfg["lr"]),
-        momentum=float(model_cfg.get("momentum", 0.9)),
-        weight_decay=float(model_cfg.get("weight_decay", 1e-4)),
-    )
+    lr, weight_decay = float(model_cfg["lr"]), float(model_cfg.get("weight_decay", 1e-4))
+    name = model_cfg.get("optimizer", "sgd")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name != "sgd":
+        raise SpinedetError(f"models.*.optimizer: {name!r} is not one of sgd, adamw")
+    return torch.optim.SGD(params, lr=lr, momentum=float(model_cfg.get("momentum", 0.9)), weight_decay=weight_decay)
 
 
 def build_lr_scheduler(optimizer, model_cfg: dict, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -177,62 +190,66 @@ def build_lr_scheduler(optimizer, model_cfg: dict, iters_per_epoch: int) -> torc
 # ---------------------------------------------------------------- anchors
 
 
-def anchor_shapes(model_cfg: dict) -> list[tuple[float, float]]:
-    """(width, height) of every configured anchor, as torchvision's AnchorGenerator makes them."""
-    from spinedet.models import aspect_ratios
+def grid_anchors(model, size: int) -> torch.Tensor:
+    """Every anchor (x0, y0, x1, y1) the RPN places on a `size` px slice: torchvision's
+    AnchorGenerator on the model's real feature grid, not anchors centred on the boxes."""
+    from torchvision.models.detection.image_list import ImageList
 
-    shapes = []
-    for sizes, ratios in zip(model_cfg["anchor_sizes"], aspect_ratios(model_cfg)):
-        for size in sizes:
-            for ratio in ratios:  # ratio = height / width
-                h_ratio = math.sqrt(ratio)
-                shapes.append((size / h_ratio, size * h_ratio))
-    return shapes
-
-
-def best_anchor_iou(widths: np.ndarray, heights: np.ndarray, shapes: list[tuple[float, float]]) -> np.ndarray:
-    """Per box, the best IoU with any anchor shape centred on it."""
-    anchors = np.asarray(shapes, dtype=float).reshape(-1, 2)
-    w, h = widths[:, None], heights[:, None]
-    inter = np.minimum(w, anchors[None, :, 0]) * np.minimum(h, anchors[None, :, 1])
-    union = w * h + anchors[None, :, 0] * anchors[None, :, 1] - inter
-    return (inter / union).max(axis=1) if len(widths) else np.zeros(0)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        image = torch.zeros(1, 3, size, size, device=device)
+        features = model.backbone(image)
+        if isinstance(features, torch.Tensor):
+            features = {"0": features}
+        anchors = model.rpn.anchor_generator(ImageList(image, [(size, size)]), list(features.values()))[0]
+    model.train(was_training)
+    return anchors.cpu()
 
 
-def size_stats(widths: np.ndarray, heights: np.ndarray, shapes: list) -> dict:
-    percentiles = [5, 25, 50, 75, 95]
-    if len(widths) == 0:
+def size_stats(boxes: torch.Tensor, anchors: torch.Tensor) -> dict:
+    """Box sizes and how the grid anchors cover them."""
+    from torchvision.ops import box_iou
+
+    if len(boxes) == 0:
         return {"boxes": 0}
-    ious = best_anchor_iou(widths, heights, shapes)
+    percentiles = [5, 25, 50, 75, 95]
+    widths, heights = (boxes[:, 2] - boxes[:, 0]).numpy(), (boxes[:, 3] - boxes[:, 1]).numpy()
+    ious = box_iou(boxes, anchors)
+    best = ious.max(dim=1).values.numpy()
+    at = {t: (ious >= t).sum(dim=1).numpy() for t in (0.5, 0.7)}
     return {
-        "boxes": int(len(widths)),
+        "boxes": int(len(boxes)),
         "width_px": dict(zip([f"p{p}" for p in percentiles], np.percentile(widths, percentiles).round(1).tolist())),
         "height_px": dict(zip([f"p{p}" for p in percentiles], np.percentile(heights, percentiles).round(1).tolist())),
-        "best_anchor_iou_median": round(float(np.median(ious)), 3),
-        "fraction_matched": round(float(np.mean(ious >= 0.5)), 3),
+        "best_anchor_iou_median": round(float(np.median(best)), 3),
+        "fraction_matched": round(float(np.mean(at[0.5] > 0)), 3),
+        "fraction_matched_iou07": round(float(np.mean(at[0.7] > 0)), 3),
+        "anchors_iou05_per_box": round(float(at[0.5].mean()), 2),
+        "anchors_iou07_per_box": round(float(at[0.7].mean()), 2),
     }
 
 
-def anchor_report(coco: dict, classes: list[str], model_cfg: dict) -> dict:
-    """Training-set box sizes per class against the configured anchors."""
+def anchor_report(coco: dict, classes: list[str], model_cfg: dict, model, size: int) -> dict:
+    """Training-set box sizes per class against the anchors on the model's real stride grid."""
     from spinedet.models import aspect_ratios
 
-    shapes = anchor_shapes(model_cfg)
-    boxes = np.array([a["bbox"][2:] for a in coco["annotations"]], dtype=float).reshape(-1, 2)
-    labels = np.array([a["category_id"] for a in coco["annotations"]], dtype=int)
-    per_class = {
-        name: size_stats(boxes[labels == i + 1, 0], boxes[labels == i + 1, 1], shapes)
-        for i, name in enumerate(classes)
-    }
+    anchors = grid_anchors(model, size)
+    boxes = torch.tensor([coco_to_xyxy(a["bbox"]) for a in coco["annotations"]], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor([a["category_id"] for a in coco["annotations"]], dtype=torch.int64)
     return {
         "anchor_sizes": model_cfg["anchor_sizes"],
         "aspect_ratios": aspect_ratios(model_cfg),
-        "all": size_stats(boxes[:, 0], boxes[:, 1], shapes),
-        "classes": per_class,
+        "anchors": int(len(anchors)),
+        "rpn_fg_iou_thresh": float(model.rpn.proposal_matcher.high_threshold),
+        "all": size_stats(boxes, anchors),
+        "classes": {name: size_stats(boxes[labels == i + 1], anchors) for i, name in enumerate(classes)},
         "note": (
-            "fraction_matched: share of training boxes whose best IoU with an anchor shape centred "
-            "on the box is >= 0.5 (an upper bound: real anchors sit on a stride grid). "
-            "Sizes are in slice pixels, which the detector does not resample."
+            f"Anchors as the RPN places them on a {size} px slice (every feature-map cell, at the "
+            "backbone's strides). fraction_matched: share of training boxes with at least one anchor "
+            "of IoU >= 0.5 (fraction_matched_iou07: >= 0.7); anchors_iou05_per_box: mean count of such "
+            "anchors per box. Sizes are in slice pixels, which the detector does not resample."
         ),
     }
 
@@ -453,17 +470,38 @@ def load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
 # ---------------------------------------------------------------- the verb
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset, batch_size: int, shuffle: bool, workers: int, seed: int, weights: list[float] | None = None,
+    samples: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches of `dataset`; with `weights`, `samples` images drawn with replacement by weight."""
+    # Seeded per epoch: a resumed run sees the same batches as an uninterrupted one.
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if weights is not None:
+        sampler = torch.utils.data.WeightedRandomSampler(weights, samples or len(dataset), generator=generator)
+        shuffle = False
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
         worker_init_fn=seed_worker,
-        # Seeded per epoch: a resumed run sees the same batches as an uninterrupted one.
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
     )
+
+
+def training_set(train_coco: dict, images, model_cfg: dict, classes: list[str]):
+    """The training dataset (jitter, box-aware crops) and its sampling weights (None: uniform)."""
+    slices = CocoSlices(train_coco, images, transforms=train_transforms(hflip=bool(model_cfg.get("hflip", False))))
+    crop_size = model_cfg.get("crop_size")
+    crop = LesionCrop(int(crop_size), float(model_cfg.get("lesion_crop_share", 0.7))) if crop_size else None
+    weights = None
+    if model_cfg.get("sampler", "uniform") == "class_balanced":
+        weights = sampling_weights(train_coco, classes, float(model_cfg.get("negative_share", 0.2)))
+    return TrainingSlices(slices, crop), weights
 
 
 def train_model(
@@ -502,18 +540,7 @@ def train_model(
         raise SpinedetError(f"{train_json}: the training split has no images")
     size = image_size({"images": train_coco["images"] + val_coco["images"]})
 
-    anchors = anchor_report(train_coco, classes, model_cfg)
-    (out / "anchors.json").write_text(json.dumps(anchors, indent=2) + "\n")
-    matched = anchors["all"].get("fraction_matched")
-    log.info(
-        "anchors: %d training boxes, %s have an anchor shape with IoU >= 0.5 (anchors.json)",
-        anchors["all"]["boxes"],
-        "n/a" if matched is None else f"{matched:.0%}",
-    )
-    if matched is not None and matched < 0.9:
-        log.warning("anchor sizes %s fit only %.0f%% of the training boxes", model_cfg["anchor_sizes"], 100 * matched)
-
-    train_set = CocoSlices(train_coco, images, transforms=train_transforms(hflip=bool(model_cfg.get("hflip", False))))
+    train_set, weights = training_set(train_coco, images, model_cfg, classes)
     val_set = CocoSlices(val_coco, images)
     batch_size = int(model_cfg.get("batch_size", 2))
     workers = int(train_cfg.get("workers", 0))
@@ -523,6 +550,16 @@ def train_model(
         iters_per_epoch = min(iters_per_epoch, int(max_iters))
 
     model = build_model(model_cfg, num_classes=len(classes) + 1, image_size=size).to(device)
+    anchors = anchor_report(train_coco, classes, model_cfg, model, size)
+    (out / "anchors.json").write_text(json.dumps(anchors, indent=2) + "\n")
+    matched = anchors["all"].get("fraction_matched")
+    log.info(
+        "anchors: %d training boxes, %s have a grid anchor with IoU >= 0.5 (anchors.json)",
+        anchors["all"]["boxes"],
+        "n/a" if matched is None else f"{matched:.0%}",
+    )
+    if matched is not None and matched < 0.8:
+        log.warning("anchor sizes %s fit only %.0f%% of the training boxes", model_cfg["anchor_sizes"], 100 * matched)
     optimizer = build_optimizer(model, model_cfg)
     lr_scheduler = build_lr_scheduler(optimizer, model_cfg, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -563,7 +600,9 @@ def train_model(
         try:
             for epoch in range(start_epoch, epochs + 1):
                 started = time.perf_counter()
-                loader = make_loader(train_set, batch_size, True, workers, seed + epoch)
+                loader = make_loader(
+                    train_set, batch_size, True, workers, seed + epoch, weights, iters_per_epoch * batch_size
+                )
                 stats = train_one_epoch(
                     model, optimizer, lr_scheduler, scaler, loader, device, epoch,
                     max_iters=iters_per_epoch,
