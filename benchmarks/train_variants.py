@@ -84,10 +84,25 @@ def train_for(model, model_cfg: dict, train_set, weights, budget: float, warmup_
             iters += 1
 
 
+def markdown_table(path: Path = RESULTS_CSV) -> str:
+    """The recorded variants as the Markdown table of benchmarks/README.md."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    lines = ["| variant | model | overrides of config.yaml | budget s | iterations | s/iter | val AP50 | "
+             "herniation | cord injury |", "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        per_class = json.loads(row["val_ap50_per_class"])
+        lines.append(f"| {row['name']} | {row['model']} | `{row['overrides']}` | {float(row['budget_s']):.0f} | "
+                     f"{row['iters']} | {row['s_per_iter']} | {row['val_ap50']} | "
+                     f"{per_class.get('disc_herniation')} | {per_class.get('cord_injury')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a key of config.yaml models:")
-    parser.add_argument("--name", required=True, help="the variant's name in the table")
+    parser.add_argument("--table", action="store_true", help="print the recorded variants as Markdown and exit")
+    parser.add_argument("--model", help="a key of config.yaml models:")
+    parser.add_argument("--name", help="the variant's name in the table")
     parser.add_argument("--set", nargs="*", default=[], help="model config overrides, key=YAML")
     parser.add_argument("--budget", type=float, default=270.0, help="training seconds (wall clock)")
     parser.add_argument("--warmup", type=float, default=20.0, help="lr warm-up seconds")
@@ -96,6 +111,11 @@ def main() -> None:
     parser.add_argument("--config", nargs="+", default=[str(REPO / "config.yaml")])
     parser.add_argument("--results", default=str(REPO / "results"))
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table())
+        return
+    if not (args.model and args.name):
+        parser.error("--model and --name are required to train a variant")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -64,7 +64,7 @@ def schema_properties(node: dict, schema: dict):
 
 
 def test_config_yaml_and_smoke_are_valid():
-    assert checked({})["split"]["fractions"] == {"train": 0.7, "val": 0.1, "test": 0.2}
+    assert checked({})["split"]["fractions"] == {"train": 0.67, "val": 0.08, "test": 0.25}
     smoke = check_config(smoke_config(), SCHEMA_PATH)
     assert smoke["demo"]["patients"] == 10
 
@@ -78,6 +78,8 @@ def test_schema_defaults_reproduce_config_yaml():
 NO_PLAIN_DEFAULT = {
     "models.*.arch": "required",
     "models.*.anchor_sizes": "default depends on arch",
+    "models.*.aspect_ratios": "default depends on arch",
+    "models.*.norm": "default depends on pretrained (frozen_bn with weights, gn from scratch)",
     "split.fractions.train": "split.fractions has a default as a whole",
     "split.fractions.val": "split.fractions has a default as a whole",
     "split.fractions.test": "split.fractions has a default as a whole",
@@ -127,7 +129,9 @@ def test_smoke_override_keeps_study_values_and_fills_the_rest():
     vgg = smoke["models"]["vgg16"]
     assert vgg["max_iters_per_epoch"] == 3
     assert vgg["momentum"] == 0.9  # from config.yaml, not overridden by smoke
-    assert vgg["aspect_ratios"] == [[0.5, 1.0, 2.0]]  # from the schema
+    assert vgg["aspect_ratios"] == [[0.5, 1.0, 2.0, 3.0]]  # from config.yaml
+    assert check_config({"models": {"v": {"arch": "fasterrcnn_vgg16"}}}, SCHEMA_PATH)["models"]["v"][
+        "aspect_ratios"] == [[0.5, 1.0, 2.0]]  # from the schema
 
 
 def test_defaults_are_copies_not_shared_between_configs():
@@ -150,7 +154,7 @@ def test_load_merges_files_in_order(tmp_path):
     override.write_text("seed: 5\nsplit:\n  folds: 3\n")
     config = load([REPO / "config.yaml", override])
     assert config["seed"] == 5
-    assert config["split"] == {"fractions": {"train": 0.7, "val": 0.1, "test": 0.2}, "folds": 3}
+    assert config["split"] == {"fractions": {"train": 0.67, "val": 0.08, "test": 0.25}, "folds": 3}
 
 
 def test_architecture_enum_matches_the_model_registry():
@@ -298,7 +302,7 @@ def test_snakemake_dry_run_accepts_the_smoke_config(tmp_path):
         result = snakemake_dry_run(tmp_path, yaml.safe_load(fh))
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load((tmp_path / "results" / "effective_config.yaml").read_text())
-    assert effective["models"]["resnet50"]["aspect_ratios"] == [[0.5, 1.0, 2.0]] * 5
+    assert effective["models"]["resnet50"]["aspect_ratios"] == [[0.5, 1.0, 2.0, 3.0]] * 5
     assert effective["models"]["resnet50"]["max_iters_per_epoch"] == 3
 
 

@@ -30,7 +30,7 @@ def test_random_crops_keep_boxes_with_half_their_area_and_drop_slivers():
     image = torch.zeros(1, 256, 256)
     crop = LesionCrop(128, lesion_share=0.0)
     torch.manual_seed(1)
-    top, left, _, _ = crop.window(256, 256, boxes())
+    top, left, _, _ = crop.window(256, 256, boxes([0, 0, 1, 1]))  # draws as with boxes present
     # a box cut in the middle stays (clipped), a box with 1/5 visible goes
     half_in = boxes([left + 120, top + 10, left + 136, top + 20])
     sliver = boxes([left + 124, top + 40, left + 144, top + 50])

@@ -17,6 +17,8 @@ from spinedet.inventory import list_files, read_file
 from spinedet.predict import convert_series, predict, read_series
 from spinedet.slices import map_box, to_canonical
 
+REPO = Path(__file__).resolve().parents[1]
+
 torch.set_num_threads(1)
 
 CLASSES = ["disc_herniation", "cord_injury"]
@@ -208,6 +210,7 @@ def test_trained_model_finds_the_lesions_of_its_study(tmp_path):
     from spinedet.synthesize import synthesize
     from spinedet.train import train_model
 
+    demo_recipe = yaml.safe_load((REPO / "config.yaml").read_text())["models"]["resnet50"]
     export, results, restricted = tmp_path / "export", tmp_path / "results", tmp_path / "restricted"
     synthesize(export, patients=E2E_PATIENTS, matrix=E2E_MATRIX, seed=5)
     config_path = tmp_path / "config.yaml"
@@ -222,17 +225,9 @@ def test_trained_model_finds_the_lesions_of_its_study(tmp_path):
                 "demo": {"enabled": False},
                 "slices": {"mode": "mid", "half_width": 1},
                 "train": {"threads": 1},
-                "models": {
-                    "resnet50": {
-                        "arch": "fasterrcnn_resnet50_fpn",
-                        "epochs": E2E_EPOCHS,
-                        "batch_size": 2,
-                        "lr": 0.02,
-                        "warmup_iters": 10,
-                        # The synthetic lesions are 5-20 px at 256 px: anchors from 8 px.
-                        "anchor_sizes": [[8], [16], [32], [64], [128]],
-                    }
-                },
+                # The demo's recipe (GroupNorm, box-aware crops, class-balanced
+                # sampling), on a shorter schedule.
+                "models": {"resnet50": {**demo_recipe, "epochs": E2E_EPOCHS, "max_iters_per_epoch": 10}},
             }
         )
     )

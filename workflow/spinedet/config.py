@@ -54,8 +54,15 @@ def is_pretrained(model_cfg: dict) -> bool:
 
 
 def model_norm(model_cfg: dict) -> str:
-    """A model's `norm`, or its default: frozen_bn on pretrained weights, gn from scratch."""
-    norm = model_cfg.get("norm") or ("frozen_bn" if is_pretrained(model_cfg) else "gn")
+    """A model's `norm`, or its default: from scratch gn; on pretrained weights
+    torchvision's choice, frozen_bn for ResNet-50 and none for VGG-16 (whose
+    classic ImageNet weights have no batch norm)."""
+    norm = model_cfg.get("norm")
+    if not norm:
+        if not is_pretrained(model_cfg):
+            norm = "gn"
+        else:
+            norm = "none" if model_cfg.get("arch") == "fasterrcnn_vgg16" else "frozen_bn"
     if norm not in NORMS:
         raise SpinedetError(f"models.*.norm: {norm!r} is not one of {', '.join(NORMS)}")
     return norm

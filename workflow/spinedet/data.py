@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -210,27 +211,25 @@ def sampling_weights(coco: dict, classes: list[str], negative_share: float) -> l
     it shows, so a class seen on few slices is drawn as often as a common one.
     """
     images = sorted(coco["images"], key=lambda img: img["id"])
-    per_class_count = {k: 0 for k in range(1, len(classes) + 1)}
     image_classes: dict[int, set[int]] = {img["id"]: set() for img in images}
     for ann in coco["annotations"]:
         image_classes[ann["image_id"]].add(int(ann["category_id"]))
-    for found in image_classes.values():
-        for k in found:
-            per_class_count[k] += 1
-    present = [k for k, n in per_class_count.items() if n]
-    negatives = sum(1 for found in image_classes.values() if not found)
-    if not present:
+    slices_showing = Counter(k for found in image_classes.values() for k in found)
+    # each lesion slice counts for the rarest class it shows
+    assigned = {image_id: min(found, key=lambda k: (slices_showing[k], k))
+                for image_id, found in image_classes.items() if found}
+    per_class = Counter(assigned.values())
+    negatives = len(images) - len(assigned)
+    if not per_class:
         return [1.0] * len(images)
-    share = {k: (1 - negative_share) / len(present) for k in present} if negatives else {
-        k: 1.0 / len(present) for k in present}
+    lesion_share = 1 - negative_share if negatives else 1.0
     weights = []
     for img in images:
-        found = image_classes[img["id"]]
-        if not found:
-            weights.append(negative_share / negatives)
+        if img["id"] in assigned:
+            k = assigned[img["id"]]
+            weights.append(lesion_share / len(per_class) / per_class[k])
         else:
-            rarest = min(found, key=lambda k: per_class_count[k])
-            weights.append(share[rarest] / per_class_count[rarest])
+            weights.append(negative_share / negatives)
     return weights
 
 

@@ -7,11 +7,12 @@ expect and normalises with grayscale statistics, so the files stay 1-channel.
 
 Normalisation (`norm:` in a model config), in the backbone and the FPN:
 - `frozen_bn`: batch norm with fixed statistics and affine terms
-  (torchvision's choice on pretrained weights; the default with them);
+  (torchvision's choice on pretrained ResNet-50 weights, and its default);
 - `bn`: trainable batch norm (statistics from each small batch);
 - `gn`: GroupNorm, 32 groups (He, Girshick & Dollar 2019: detectors trained
   from scratch with GN match pretrained ones); the default from scratch;
-- `none`: no normalisation layer (the original VGG-16).
+- `none`: no normalisation layer (the original VGG-16; its default on
+  pretrained weights, as torchvision's classic VGG-16 weights have none).
 The box head (two fully connected layers) has none in every variant.
 
 Backbone weights (`pretrained:` in a model config):
