@@ -79,7 +79,7 @@ NO_PLAIN_DEFAULT = {
     "models.*.arch": "required",
     "models.*.anchor_sizes": "default depends on arch",
     "models.*.aspect_ratios": "default depends on arch",
-    "models.*.norm": "default depends on pretrained (frozen_bn with weights, gn from scratch)",
+    "models.*.norm": "default depends on pretrained and arch (gn from scratch, torchvision's choice with weights)",
     "split.fractions.train": "split.fractions has a default as a whole",
     "split.fractions.val": "split.fractions has a default as a whole",
     "split.fractions.test": "split.fractions has a default as a whole",

@@ -54,7 +54,7 @@ def test_sampling_weights_balance_classes_and_negatives():
             + [{"image_id": 7, "category_id": 1}, {"image_id": 7, "category_id": 2}]  # 1 with both
         ),
     }
-    weights = sampling_weights(coco, ["disc_herniation", "cord_injury"], negative_share=0.2)
+    weights = sampling_weights(coco, negative_share=0.2)
     assert sum(weights) == pytest.approx(1.0)
     assert sum(weights[7:]) == pytest.approx(0.2)  # 3 negatives
     assert weights[6] == pytest.approx(0.4)  # the only cord-injury slice: its class's whole share
@@ -64,5 +64,5 @@ def test_sampling_weights_balance_classes_and_negatives():
 def test_sampling_weights_without_negatives_or_boxes():
     coco = {"images": [{"id": 1}, {"id": 2}], "annotations": [{"image_id": 1, "category_id": 1},
                                                                {"image_id": 2, "category_id": 1}]}
-    assert sampling_weights(coco, ["a", "b"], 0.2) == pytest.approx([0.5, 0.5])
-    assert sampling_weights({"images": [{"id": 1}], "annotations": []}, ["a"], 0.2) == [1.0]
+    assert sampling_weights(coco, 0.2) == pytest.approx([0.5, 0.5])
+    assert sampling_weights({"images": [{"id": 1}], "annotations": []}, 0.2) == [1.0]

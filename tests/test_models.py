@@ -146,11 +146,12 @@ def test_every_norm_builds_and_takes_a_training_step(arch, norm):
     assert not torch.equal(before, model.roi_heads.box_predictor.cls_score.weight)
 
 
-def test_default_norm_is_gn_from_scratch_and_frozen_bn_on_pretrained_weights():
+def test_default_norm_is_gn_from_scratch_and_torchvisions_on_pretrained_weights():
     from spinedet.models import model_norm
 
     assert model_norm(RESNET) == "gn"
     assert model_norm({**RESNET, "pretrained": "imagenet"}) == "frozen_bn"
+    assert model_norm({**VGG, "pretrained": "imagenet"}) == "none"  # the classic VGG-16 weights
     with pytest.raises(SpinedetError, match="not one of"):
         model_norm({**RESNET, "norm": "layernorm"})
 
@@ -179,6 +180,10 @@ def test_crops_are_not_resized_to_the_slice_size():
     assert batch.image_sizes == [(64, 64)] and torch.equal(targets[0]["boxes"], boxes)
     resizing = build_model({**RESNET, "min_size": 128, "max_size": 128}, num_classes=3, image_size=128)
     batch, _ = resizing.transform([torch.rand(1, 64, 64)])
+    assert batch.image_sizes == [(128, 128)]
+    # In inference a slice of another size is brought to the training slice size (predict).
+    model.eval()
+    batch, _ = model.transform([torch.rand(1, 64, 64)])
     assert batch.image_sizes == [(128, 128)]
 
 
@@ -272,7 +277,10 @@ def test_load_trained_round_trip(tmp_path, pretrained):
     torch.manual_seed(4)
     # An imagenet-configured model builds with frozen batch norm; load_trained
     # must rebuild that structure without fetching any weights.
+    from spinedet.config import model_norm
+
     model_cfg = {**RESNET, "pretrained": pretrained}
+    model_cfg["norm"] = model_norm(model_cfg)  # as spinedet train saves it
     model = build_model(model_cfg, num_classes=3, image_size=64, load_weights=False)
     path = tmp_path / "best.pt"
     torch.save(
@@ -292,6 +300,19 @@ def test_load_trained_round_trip(tmp_path, pretrained):
     assert meta["classes"] == ["disc_herniation", "cord_injury"]
     assert meta["epoch"] == 3 and meta["image_size"] == 64 and meta["model_name"] == "resnet50"
     assert "model" not in meta
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_weights_trained_before_norm_existed_still_load(arch, tmp_path):
+    """best.pt of the earlier releases: no `norm` key; batch norm in ResNet-50, none in VGG-16."""
+    legacy_norm = "bn" if arch == "fasterrcnn_resnet50_fpn" else "none"
+    model = build_model({**CONFIGS[arch], "norm": legacy_norm}, num_classes=3, image_size=64)
+    path = tmp_path / "best.pt"
+    torch.save({"model": model.state_dict(), "model_config": CONFIGS[arch], "classes": ["a", "b"],
+                "image_size": 64}, path)
+    loaded, _ = load_trained(path)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 

@@ -26,6 +26,12 @@ def test_paper_config_is_the_papers_cohort_and_the_reference_schedule():
         assert model["epochs"] == 26 and model["scheduler"] == "multistep" and model["lr_steps"] == [16, 22]
         assert model["lr"] == 0.02 * model["batch_size"] / 16  # linear scaling of 0.02 per 16 images
         assert not model["crop_size"] and model["sampler"] == "uniform"  # whole slices, as the paper
+        # config.yaml's demo tuning does not leak in through the key-by-key merge
+        assert model["clip_grad_norm"] is None
+        assert all(ratios == [0.5, 1.0, 2.0] for ratios in model["aspect_ratios"])
+        kwargs = model["detector_kwargs"]
+        assert (kwargs["rpn_fg_iou_thresh"], kwargs["rpn_batch_size_per_image"], kwargs["box_batch_size_per_image"],
+                kwargs["rpn_post_nms_top_n_train"]) == (0.7, 256, 512, 2000)
     assert config["models"]["vgg16"]["norm"] == "none" and config["models"]["vgg16"]["output_stride"] == 16
     assert config["models"]["resnet50"]["norm"] == "frozen_bn"
     # the paper's 80/20 split is offered as a commented alternative

@@ -195,7 +195,7 @@ def test_report_names_each_recipe_and_its_departures_from_the_paper(rendered):
         assert "ResNet-50 + FPN, GroupNorm" in text
         assert "GroupNorm instead of batch norm; trained from scratch (no ImageNet weights); trained on 64 px crops, " \
                "70 % holding a lesion (inference on whole slices)" in text
-        assert "5 epochs of 10 iterations, batch 4, lr 0.02 (cosine), weights: none, 64 px crops, " \
+        assert "5 epochs of 10 iterations, batch 4, SGD, lr 0.02 (cosine), weights: none, 64 px crops, " \
                "class-balanced sampling" in text
         assert "VGG-16 conv5_3, stride 8, no normalisation" in text
         assert "stride 8 (pool4 removed; the paper's conv5_3 is at stride 16)" in html.unescape(text)

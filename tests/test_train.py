@@ -331,6 +331,7 @@ def test_resume_after_sigterm(blobs, tmp_path, monkeypatch, caplog):
     best = torch.load(out / "best.pt", weights_only=True)
     assert set(best) == {"model", "model_name", "model_config", "classes", "image_size", "epoch", "val_ap50"}
     assert best["image_size"] == 128 and best["classes"] == CLASSES and best["model_name"] == "resnet50"
+    assert best["model_config"]["norm"] == "gn"  # the resolved default travels with the weights
     assert best["val_ap50"] == max(float(row["val_ap50"]) for row in rows)
     model, meta = load_trained(out / "best.pt")
     assert meta["epoch"] in (1, 2, 3) and not model.training
@@ -379,9 +380,10 @@ def test_cli_train_with_the_project_config_and_a_val_split_without_boxes(blobs, 
 
 @pytest.mark.slow
 def test_resumed_training_equals_uninterrupted_training(blobs, tmp_path, monkeypatch):
-    """Checkpointed RNG states and per-epoch shuffling make a resumed CPU run bit-identical."""
+    """Checkpointed RNG states and per-epoch seeded sampling make a resumed CPU run
+    bit-identical, with box-aware crops and class-balanced sampling too."""
     args = dict(model_name="resnet50", train_json=blobs["train"], val_json=blobs["val"], images=blobs["images"])
-    cfg = {**RESNET, "max_iters_per_epoch": 2}
+    cfg = {**RESNET, "max_iters_per_epoch": 2, "crop_size": 64, "sampler": "class_balanced"}
     assert train_model(config_for(cfg), out=tmp_path / "straight", **args) == 0
 
     real_write_log = train_module.write_log

@@ -203,12 +203,13 @@ class TrainingSlices(torch.utils.data.Dataset):
         return image, target
 
 
-def sampling_weights(coco: dict, classes: list[str], negative_share: float) -> list[float]:
+def sampling_weights(coco: dict, negative_share: float) -> list[float]:
     """Per-image weights for class-balanced sampling, in image id order.
 
     Lesion-free slices together get `negative_share` of the draws; the rest is
-    shared equally by the classes, each image counted under the rarest class
-    it shows, so a class seen on few slices is drawn as often as a common one.
+    shared equally by the classes, each lesion slice counted under the rarest
+    class it shows, so a class seen on few slices is drawn about as often as
+    a common one (slices showing both count for the rarer only).
     """
     images = sorted(coco["images"], key=lambda img: img["id"])
     image_classes: dict[int, set[int]] = {img["id"]: set() for img in images}

@@ -65,9 +65,11 @@ VGG16_OUTPUT_STRIDES = (16, 8)
 class GrayscaleRCNNTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform that accepts 1-channel images by repeating the channel.
 
-    With `native_size` it never resamples: torchvision would scale a 128 px
-    training crop up to min_size (256) and the model would learn lesions at
-    twice their size. Images keep their pixels; only batching pads them.
+    With `native_size` it does not resample in training: torchvision would
+    scale a 128 px training crop up to min_size (256) and the model would
+    learn lesions at twice their size. In inference it resizes as usual, so a
+    slice of another size reaches the model at the training slice size (a
+    slice of that size passes unchanged).
     """
 
     def __init__(self, *args, native_size: bool = False, **kwargs):
@@ -80,7 +82,7 @@ class GrayscaleRCNNTransform(GeneralizedRCNNTransform):
         return super().normalize(image)
 
     def resize(self, image, target=None):
-        if self.native_size:
+        if self.native_size and self.training:
             return image, target
         return super().resize(image, target)
 
@@ -199,7 +201,9 @@ def detector_options(model_cfg: dict, image_size: int) -> dict:
     }
 
 
-def use_grayscale_transform(model: FasterRCNN, model_cfg: dict) -> FasterRCNN:
+def use_grayscale_transform(model: FasterRCNN, model_cfg: dict | None = None) -> FasterRCNN:
+    """Grayscale input; training crops stay at native size unless min_size/max_size are configured."""
+    model_cfg = model_cfg or {}
     old = model.transform
     model.transform = GrayscaleRCNNTransform(
         old.min_size, old.max_size, old.image_mean, old.image_std, size_divisible=old.size_divisible,
@@ -348,9 +352,16 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
         raise SpinedetError(f"{path} is not a spinedet best.pt (needs keys {sorted(required)})")
     meta = {k: v for k, v in checkpoint.items() if k != "model"}
+    model_cfg = checkpoint["model_config"]
+    if "norm" not in model_cfg:
+        # Weights trained before `norm` existed: batch norm (frozen on
+        # pretrained weights) in ResNet-50, none in VGG-16.
+        legacy = "none" if model_cfg.get("arch") == "fasterrcnn_vgg16" else (
+            "frozen_bn" if is_pretrained(model_cfg) else "bn")
+        model_cfg = {**model_cfg, "norm": legacy}
     # The trained state dict replaces the backbone weights: don't fetch them.
     model = build_model(
-        checkpoint["model_config"],
+        model_cfg,
         num_classes=len(checkpoint["classes"]) + 1,
         image_size=checkpoint["image_size"],
         load_weights=False,

@@ -287,7 +287,7 @@ def predict(
 
     if max(slices.shape[1:]) != int(meta["image_size"]):
         log.warning(
-            "slices are %dx%d px, the model was trained on %d px: it resizes them",
+            "slices are %dx%d px, the model was trained on %d px: it resizes them to that size",
             slices.shape[2], slices.shape[1], meta["image_size"],
         )
     detections = detect_slices(model, slices, classes, device, score_threshold)

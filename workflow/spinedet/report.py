@@ -237,7 +237,11 @@ def model_recipe(name: str, model_cfg: dict | None) -> dict:
         departures.append(f"trained on {crop} px crops, {100 * float(model_cfg.get('lesion_crop_share', 0.7)):.0f} % "
                           "holding a lesion (inference on whole slices)")
     sampler = model_cfg.get("sampler", "uniform")
-    training = (f"{schedule}, batch {model_cfg.get('batch_size')}, lr {model_cfg.get('lr')} "
+    optimizer = model_cfg.get("optimizer", "sgd")
+    if optimizer != "sgd":
+        departures.append(f"{optimizer} instead of SGD with momentum")
+    training = (f"{schedule}, batch {model_cfg.get('batch_size')}, {'AdamW' if optimizer == 'adamw' else 'SGD'}, "
+                f"lr {model_cfg.get('lr')} "
                 f"({model_cfg.get('scheduler', 'cosine')}), weights: {pretrained}"
                 + (f", {crop} px crops" if crop else ", whole slices")
                 + (", class-balanced sampling" if sampler == "class_balanced" else ""))

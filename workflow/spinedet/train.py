@@ -198,8 +198,11 @@ def grid_anchors(model, size: int) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # the transform pads each side to a multiple of size_divisible
+    divisible = int(getattr(model.transform, "size_divisible", 1))
+    padded = int(math.ceil(size / divisible) * divisible)
     with torch.no_grad():
-        image = torch.zeros(1, 3, size, size, device=device)
+        image = torch.zeros(1, 3, padded, padded, device=device)
         features = model.backbone(image)
         if isinstance(features, torch.Tensor):
             features = {"0": features}
@@ -216,9 +219,14 @@ def size_stats(boxes: torch.Tensor, anchors: torch.Tensor) -> dict:
         return {"boxes": 0}
     percentiles = [5, 25, 50, 75, 95]
     widths, heights = (boxes[:, 2] - boxes[:, 0]).numpy(), (boxes[:, 3] - boxes[:, 1]).numpy()
-    ious = box_iou(boxes, anchors)
-    best = ious.max(dim=1).values.numpy()
-    at = {t: (ious >= t).sum(dim=1).numpy() for t in (0.5, 0.7)}
+    best, at = [], {0.5: [], 0.7: []}
+    for chunk in boxes.split(256):  # boxes x anchors IoUs, a chunk at a time
+        ious = box_iou(chunk, anchors)
+        best.append(ious.max(dim=1).values)
+        for threshold in at:
+            at[threshold].append((ious >= threshold).sum(dim=1))
+    best = torch.cat(best).numpy()
+    at = {threshold: torch.cat(counts).numpy() for threshold, counts in at.items()}
     return {
         "boxes": int(len(boxes)),
         "width_px": dict(zip([f"p{p}" for p in percentiles], np.percentile(widths, percentiles).round(1).tolist())),
@@ -500,7 +508,7 @@ def training_set(train_coco: dict, images, model_cfg: dict, classes: list[str]):
     crop = LesionCrop(int(crop_size), float(model_cfg.get("lesion_crop_share", 0.7))) if crop_size else None
     weights = None
     if model_cfg.get("sampler", "uniform") == "class_balanced":
-        weights = sampling_weights(train_coco, classes, float(model_cfg.get("negative_share", 0.2)))
+        weights = sampling_weights(train_coco, float(model_cfg.get("negative_share", 0.2)))
     return TrainingSlices(slices, crop), weights
 
 
@@ -514,11 +522,14 @@ def train_model(
     threads: int | None = None,
 ) -> int:
     """Train (or resume training) `model_name`; returns the exit code (143 when stopped by SIGTERM)."""
+    from spinedet.config import model_norm
     from spinedet.models import build_model, count_parameters
 
     if model_name not in config.get("models", {}):
         raise SpinedetError(f"--model {model_name}: no such entry under models: in the config")
-    model_cfg = config["models"][model_name]
+    # The resolved norm travels with the weights: best.pt loads the same network
+    # whatever the default is when it is read.
+    model_cfg = {**config["models"][model_name], "norm": model_norm(config["models"][model_name])}
     train_cfg = config.get("train", {})
     classes = list(config["classes"])
     seed = int(config.get("seed", 0))
