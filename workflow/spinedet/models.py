@@ -21,8 +21,9 @@ Backbone weights (`pretrained:` in a model config):
   TORCH_HOME cache (`$TORCH_HOME/hub/checkpoints/<file>`) and downloaded there
   only when missing.
 - a path: a *backbone* state dict in torchvision's classification layout
-  (`torchvision.models.resnet50().state_dict()` or `vgg16().state_dict()`;
-  the ImageNet files themselves qualify). Classifier keys (`fc.*`,
+  (`torchvision.models.resnet50().state_dict()`; `vgg16().state_dict()` for
+  VGG-16 with norm none, `vgg16_bn().state_dict()` with bn or frozen_bn; the
+  ImageNet files themselves qualify). Classifier keys (`fc.*`,
   `classifier.*`) are ignored; every other key must match.
 """
 
@@ -287,7 +288,7 @@ def vgg16_backbone(model_cfg: dict, load_weights: bool = True) -> nn.Sequential:
     if is_pretrained(model_cfg):
         convs = [i for i, m in enumerate(backbone) if isinstance(m, nn.Conv2d)]
         # through pool2, which follows the fourth convolution's ReLU
-        for module in backbone[: convs[VGG16_FROZEN_CONVS] ]:
+        for module in backbone[: convs[VGG16_FROZEN_CONVS]]:
             module.requires_grad_(False)
     backbone.out_channels = 512
     return backbone
