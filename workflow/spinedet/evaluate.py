@@ -23,7 +23,7 @@ from tqdm import tqdm
 from spinedet import SpinedetError
 from spinedet import metrics as metrics_lib
 from spinedet import timing as timing_lib
-from spinedet.train import resolve_device
+from spinedet.models import resolve_device
 
 log = logging.getLogger(__name__)
 

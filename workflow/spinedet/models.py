@@ -329,6 +329,17 @@ def build_model(model_cfg: dict, num_classes: int, image_size: int, *, load_weig
     return ARCHITECTURES[arch](model_cfg, num_classes, int(image_size), load_weights=load_weights)
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of config `train.device` (auto: CUDA when available), for every verb."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpinedetError("train.device: cuda was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise SpinedetError(f"train.device: {name!r} is not one of auto, cpu, cuda")
+    return torch.device(name)
+
+
 def count_parameters(model: nn.Module) -> dict:
     """Total and trainable parameter counts."""
     total = sum(p.numel() for p in model.parameters())

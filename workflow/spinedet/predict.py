@@ -256,7 +256,7 @@ def predict(
 ) -> dict:
     """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`."""
     from spinedet.models import load_trained
-    from spinedet.train import resolve_device
+    from spinedet.models import resolve_device
 
     input_path, out = Path(input_path), Path(out)
     if config.get("results") and out.resolve().is_relative_to(Path(config["results"]).resolve()):

@@ -92,16 +92,6 @@ def run(args) -> int:
 # ---------------------------------------------------------------- set-up
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SpinedetError("train.device: cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise SpinedetError(f"train.device: {name!r} is not one of auto, cpu, cuda")
-    return torch.device(name)
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -523,7 +513,7 @@ def train_model(
 ) -> int:
     """Train (or resume training) `model_name`; returns the exit code (143 when stopped by SIGTERM)."""
     from spinedet.config import model_norm
-    from spinedet.models import build_model, count_parameters
+    from spinedet.models import build_model, count_parameters, resolve_device
 
     if model_name not in config.get("models", {}):
         raise SpinedetError(f"--model {model_name}: no such entry under models: in the config")
