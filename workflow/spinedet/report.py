@@ -187,8 +187,7 @@ def lesion_sizes(test_coco: dict, classes: list[str]) -> list[dict]:
     rows = []
     for k, name in enumerate(classes, start=1):
         anns = [a for a in test_coco["annotations"] if a["category_id"] == k]
-        spaced = [a for a in anns if "pixel_width_mm" in images[a["image_id"]]]
-        mm = len(spaced) == len(anns) and anns
+        mm = bool(anns) and all("pixel_width_mm" in images[a["image_id"]] for a in anns)
         rows.append({
             "class": pretty(name).capitalize(),
             "boxes": len(anns),
