@@ -113,11 +113,13 @@ def test_every_key_of_config_yaml_is_described_and_has_a_default():
 
 
 def test_defaults_fill_a_partial_model_entry_by_architecture():
-    config = checked({"models": {"tiny": {"arch": "fasterrcnn_vgg16"}, "fpn": {"arch": "fasterrcnn_resnet50_fpn"}}})
-    tiny, fpn = config["models"]["tiny"], config["models"]["fpn"]
+    config = checked({"models": {"tiny": {"arch": "fasterrcnn_vgg16"}, "fpn": {"arch": "fasterrcnn_resnet50_fpn"},
+                                 "vggfpn": {"arch": "fasterrcnn_vgg16_fpn"}}})
+    tiny, fpn, vggfpn = config["models"]["tiny"], config["models"]["fpn"], config["models"]["vggfpn"]
     assert tiny["anchor_sizes"] == [[8, 16, 32, 64]]
     assert tiny["aspect_ratios"] == [[0.5, 1.0, 2.0]]
     assert len(fpn["anchor_sizes"]) == len(fpn["aspect_ratios"]) == 5
+    assert vggfpn["anchor_sizes"] == [[8], [16], [32], [64]] and len(vggfpn["aspect_ratios"]) == 4
     assert tiny["hflip"] is False
     assert tiny["max_iters_per_epoch"] is None
     assert tiny["scheduler"] == "cosine"
@@ -129,7 +131,7 @@ def test_smoke_override_keeps_study_values_and_fills_the_rest():
     vgg = smoke["models"]["vgg16"]
     assert vgg["max_iters_per_epoch"] == 3
     assert vgg["momentum"] == 0.9  # from config.yaml, not overridden by smoke
-    assert vgg["aspect_ratios"] == [[0.5, 1.0, 2.0, 3.0]]  # from config.yaml
+    assert vgg["aspect_ratios"] == [[0.5, 1.0, 2.0, 3.0]] * 4  # from config.yaml
     assert check_config({"models": {"v": {"arch": "fasterrcnn_vgg16"}}}, SCHEMA_PATH)["models"]["v"][
         "aspect_ratios"] == [[0.5, 1.0, 2.0]]  # from the schema
 
@@ -140,7 +142,7 @@ def test_defaults_are_copies_not_shared_between_configs():
     first["models"]["vgg16"]["anchor_sizes"][0].append(512)
     second = check_config({}, SCHEMA_PATH)
     assert second["classes"] == ["disc_herniation", "cord_injury"]
-    assert second["models"]["vgg16"]["anchor_sizes"] == [[8, 16, 32, 64]]
+    assert second["models"]["vgg16"]["anchor_sizes"] == [[8], [16], [32], [64]]
 
 
 def test_checking_twice_changes_nothing():
@@ -177,7 +179,7 @@ def test_architecture_enum_matches_the_model_registry():
         (
             {"models": {"resnet50": {"arch": "yolo"}}},
             "config key 'models.resnet50.arch': unknown model architecture 'yolo'; "
-            "known architectures: fasterrcnn_resnet50_fpn, fasterrcnn_vgg16",
+            "known architectures: fasterrcnn_resnet50_fpn, fasterrcnn_vgg16, fasterrcnn_vgg16_fpn",
         ),
         ({"split": {"fractions": {"train": 0.6, "val": 0.1, "test": 0.2}}}, "config key 'split.fractions': train+val+test = 0.9, must sum to 1"),
         ({"split": {"fractions": {"train": 0.7, "val": 0.2, "test": 0.2}}}, "train+val+test = 1.1, must sum to 1"),
@@ -188,7 +190,7 @@ def test_architecture_enum_matches_the_model_registry():
         ({"evaluate": {"timing": {"iterations": 0}}}, "config key 'evaluate.timing.iterations': 0 is less than the minimum of 1"),
         ({"models": {"my model": {"arch": "fasterrcnn_vgg16"}}}, "config key 'models': name 'my model' is not allowed"),
         ({"models": {"extra": {"lr": 0.1}}}, "config key 'models.extra.arch': missing (required)"),
-        ({"models": {"vgg16": {"anchor_sizes": [[16], [32]]}}}, "config key 'models.vgg16.anchor_sizes': fasterrcnn_vgg16 has 1 feature level(s)"),
+        ({"models": {"vgg16": {"anchor_sizes": [[16], [32]]}}}, "config key 'models.vgg16.anchor_sizes': fasterrcnn_vgg16_fpn has 4 feature level(s)"),
         ({"models": {"vgg16": {"aspect_ratios": [[1.0], [2.0]]}}}, "config key 'models.vgg16.aspect_ratios': one list per feature level"),
         ({"models": {"vgg16": {"scheduler": "multistep", "lr_steps": [4, 2]}}}, "config key 'models.vgg16.lr_steps': [4, 2] must be strictly increasing"),
         ({"models": {"vgg16": {"pretrained": "weights/missing.pth"}}}, "config key 'models.vgg16.pretrained': file not found: weights/missing.pth"),
@@ -284,7 +286,7 @@ def snakemake_dry_run(tmp_path: Path, override: dict) -> subprocess.CompletedPro
     ("override", "expected"),
     [
         ({"models": {"resnet50": {"epochs": "ten"}}}, "config key 'models.resnet50.epochs': expected integer, got string 'ten'"),
-        ({"models": {"vgg16": {"arch": "vgg19"}}}, "config key 'models.vgg16.arch': unknown model architecture 'vgg19'; known architectures: fasterrcnn_resnet50_fpn, fasterrcnn_vgg16"),
+        ({"models": {"vgg16": {"arch": "vgg19"}}}, "config key 'models.vgg16.arch': unknown model architecture 'vgg19'; known architectures: fasterrcnn_resnet50_fpn, fasterrcnn_vgg16, fasterrcnn_vgg16_fpn"),
         ({"split": {"fractions": {"train": 0.6, "val": 0.1, "test": 0.2}}}, "config key 'split.fractions': train+val+test = 0.9, must sum to 1"),
         ({"demo": {"enabled": False}, "raw": "no/such/export"}, "config key 'raw': folder not found: no/such/export"),
     ],

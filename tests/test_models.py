@@ -23,7 +23,8 @@ torch.set_num_threads(1)
 
 RESNET = {"arch": "fasterrcnn_resnet50_fpn", "pretrained": "none", "anchor_sizes": [[16], [32], [64], [128], [256]]}
 VGG = {"arch": "fasterrcnn_vgg16", "pretrained": "none", "anchor_sizes": [[16, 32, 64, 128]]}
-CONFIGS = {"fasterrcnn_resnet50_fpn": RESNET, "fasterrcnn_vgg16": VGG}
+VGG_FPN = {"arch": "fasterrcnn_vgg16_fpn", "pretrained": "none", "anchor_sizes": [[8], [16], [32], [64]]}
+CONFIGS = {"fasterrcnn_resnet50_fpn": RESNET, "fasterrcnn_vgg16": VGG, "fasterrcnn_vgg16_fpn": VGG_FPN}
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,7 @@ def no_downloads(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
-def test_registry_has_both_architectures():
+def test_registry_has_every_architecture():
     assert set(CONFIGS) <= set(ARCHITECTURES)
 
 
@@ -76,6 +77,32 @@ def test_resnet50_fpn_has_five_levels():
     features = model.backbone(torch.zeros(1, 3, 128, 128))
     assert [f.shape[-1] for f in features.values()] == [32, 16, 8, 4, 2]
     assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 5
+
+
+def test_vgg16_fpn_reads_conv3_3_to_conv5_3_at_strides_4_to_32():
+    model = build_model({**VGG_FPN, "norm": "bn"}, num_classes=3, image_size=128)
+    body = model.backbone.body
+    assert len([m for m in body.modules() if isinstance(m, torch.nn.Conv2d)]) == 13
+    features = model.backbone(torch.zeros(1, 3, 128, 96))
+    assert list(features) == ["0", "1", "2", "pool"]
+    assert [tuple(f.shape[-2:]) for f in features.values()] == [(32, 24), (16, 12), (8, 6), (4, 3)]
+    assert all(f.shape[1] == 256 for f in features.values())
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [3] * 4
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]
+    with pytest.raises(SpinedetError, match="output_stride"):
+        build_model({**VGG_FPN, "output_stride": 8}, num_classes=3, image_size=128)
+
+
+def test_vgg16_fpn_loads_the_vgg16_bn_layout(tmp_path):
+    torch.manual_seed(6)
+    saved = {f"features.{k}": v for k, v in torchvision.models.vgg16_bn(weights=None).features.state_dict().items()}
+    path = tmp_path / "vgg16_bn_backbone.pth"
+    torch.save(saved, path)
+    model = build_model({**VGG_FPN, "pretrained": str(path), "norm": "frozen_bn"}, num_classes=3, image_size=128)
+    body = model.backbone.body
+    assert torch.equal(body.state_dict()["40.weight"], saved["features.40.weight"])  # conv5_3
+    assert isinstance(body["1"], FrozenBatchNorm2d)
+    assert not body["0"].weight.requires_grad and body["40"].weight.requires_grad
 
 
 def test_anchor_levels_must_match_feature_maps():

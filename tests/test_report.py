@@ -201,6 +201,15 @@ def test_report_names_each_recipe_and_its_departures_from_the_paper(rendered):
         assert "stride 8 (pool4 removed; the paper's conv5_3 is at stride 16)" in html.unescape(text)
 
 
+def test_vgg16_fpn_recipe_names_the_fpn_and_the_batch_norm_as_departures():
+    recipe = report.model_recipe("vgg16", {"arch": "fasterrcnn_vgg16_fpn", "pretrained": "none", "norm": "bn",
+                                           "epochs": 3, "max_iters_per_epoch": 160, "batch_size": 2, "lr": 0.02})
+    assert recipe["backbone"] == "VGG-16 + FPN (conv3_3, conv4_3, conv5_3), batch norm"
+    assert recipe["departures"].startswith("an FPN over conv3_3-conv5_3, as ResNet-50-FPN's")
+    assert "batch norm after each convolution (the paper's VGG-16 has none)" in recipe["departures"]
+    assert "trained from scratch" in recipe["departures"]
+
+
 def test_report_gives_the_test_lesion_sizes(rendered):
     md = (rendered / "report.md").read_text()
     # fixture: 18 x 12 px boxes on 0.8 x 0.9 mm pixels; classes alternate by image id

@@ -62,7 +62,7 @@ def model_norm(model_cfg: dict) -> str:
         if not is_pretrained(model_cfg):
             norm = "gn"
         else:
-            norm = "none" if model_cfg.get("arch") == "fasterrcnn_vgg16" else "frozen_bn"
+            norm = "none" if str(model_cfg.get("arch", "")).startswith("fasterrcnn_vgg16") else "frozen_bn"
     if norm not in NORMS:
         raise SpinedetError(f"models.*.norm: {norm!r} is not one of {', '.join(NORMS)}")
     return norm

@@ -24,7 +24,7 @@ from spinedet import SpinedetError
 
 # Feature maps each registered architecture gives the RPN: one anchor_sizes
 # (and aspect_ratios) list per level.
-FEATURE_LEVELS = {"fasterrcnn_resnet50_fpn": 5, "fasterrcnn_vgg16": 1}
+FEATURE_LEVELS = {"fasterrcnn_resnet50_fpn": 5, "fasterrcnn_vgg16": 1, "fasterrcnn_vgg16_fpn": 4}
 
 FRACTION_TOLERANCE = 1e-6
 

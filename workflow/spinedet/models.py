@@ -39,7 +39,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -308,9 +308,38 @@ def build_fasterrcnn_vgg16(
     return use_grayscale_transform(model, model_cfg)
 
 
+def build_fasterrcnn_vgg16_fpn(
+    model_cfg: dict, num_classes: int, image_size: int, load_weights: bool = True
+) -> FasterRCNN:
+    """VGG-16's 13 convolutions under the FPN neck of ResNet-50-FPN: conv3_3,
+    conv4_3 and conv5_3 (strides 4, 8, 16) plus a max-pooled level, 256
+    channels each. The two detectors then differ only in their backbone.
+    """
+    if int(model_cfg.get("output_stride", 16)) != 16:
+        raise SpinedetError("models.*.output_stride: fasterrcnn_vgg16_fpn takes its strides (4, 8, 16, 32) "
+                            "from the FPN; leave output_stride at 16")
+    features = vgg16_backbone(model_cfg, load_weights)
+    norm = model_norm(model_cfg)
+    # The ReLU ending blocks 3 and 4 (each followed by a max-pool) and conv5_3's.
+    pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
+    return_layers = {str(pools[2] - 1): "0", str(pools[3] - 1): "1", str(len(features) - 1): "2"}
+    fpn_norm = None if norm in ("frozen_bn", "none") else norm_layer(norm)
+    backbone = BackboneWithFPN(features, return_layers, in_channels_list=[256, 512, 512], out_channels=256,
+                               norm_layer=fpn_norm)
+    model = FasterRCNN(
+        backbone,
+        num_classes=num_classes,
+        rpn_anchor_generator=anchor_generator(model_cfg, levels=4),
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2),
+        **detector_options(model_cfg, image_size),
+    )
+    return use_grayscale_transform(model, model_cfg)
+
+
 ARCHITECTURES: dict[str, Callable[..., FasterRCNN]] = {
     "fasterrcnn_resnet50_fpn": build_fasterrcnn_resnet50_fpn,
     "fasterrcnn_vgg16": build_fasterrcnn_vgg16,
+    "fasterrcnn_vgg16_fpn": build_fasterrcnn_vgg16_fpn,
 }
 
 
@@ -368,7 +397,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if "norm" not in model_cfg:
         # Weights trained before `norm` existed: batch norm (frozen on
         # pretrained weights) in ResNet-50, none in VGG-16.
-        legacy = "none" if model_cfg.get("arch") == "fasterrcnn_vgg16" else (
+        legacy = "none" if model_cfg.get("arch", "").startswith("fasterrcnn_vgg16") else (
             "frozen_bn" if is_pretrained(model_cfg) else "bn")
         model_cfg = {**model_cfg, "norm": legacy}
     # The trained state dict replaces the backbone weights: don't fetch them.
