@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 
-from spinedet.inventory import list_files, read_file
+from spinedet.dicom import list_files, read_file
 from spinedet.synthesize import synthesize
 
 

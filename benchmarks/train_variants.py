@@ -30,9 +30,10 @@ import yaml
 
 from spinedet.config import load
 from spinedet.data import CocoSlices, collate, image_size, load_coco
+from spinedet.engine import predict_coco
 from spinedet.metrics import coco_summary
 from spinedet.models import build_model, model_norm
-from spinedet.train import WARMUP_FACTOR, build_optimizer, make_loader, predict_coco, training_set
+from spinedet.train import WARMUP_FACTOR, build_optimizer, make_loader, training_set
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_CSV = REPO / "benchmarks" / "results" / "train_variants.csv"

@@ -2,7 +2,7 @@
 
 `smoke_export`: a small synthetic hospital export (6 patients, matrix 128),
 written once per test session. Its root holds DICOM/, annotations.csv,
-cohort.csv, truth/ (read with `spinedet.synthesize.load_truth`) and
+cohort.csv, truth/ (read with `spinedet.demo.truth.load_truth`) and
 preview.png. Treat it as read-only: copy it before changing anything.
 """
 

@@ -391,3 +391,26 @@ def test_each_rule_env_provides_what_its_verb_imports():
         if needed - set(pins):
             missing[f"{rule} ({env}.yaml)"] = sorted(needed - set(pins))
     assert missing == {}
+
+
+def test_the_demo_passes_its_export_key_to_deidentify_and_real_data_does_not(tmp_path):
+    def deidentify_command(override: dict) -> str:
+        extra = tmp_path / "override.yaml"
+        extra.write_text(yaml.safe_dump(override))
+        result = subprocess.run(
+            [str(SNAKEMAKE), "-n", "-p", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+             "--configfile", str(REPO / "config.yaml"), str(extra), "--", "results/deid/participants.csv"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stdout.splitlines() if "spinedet deidentify" in line)
+
+    demo = deidentify_command({})
+    assert "--key-file resources/demo_export/pseudonym.key" in demo
+    raw = tmp_path / "export"
+    (raw / "DICOM").mkdir(parents=True)
+    (raw / "annotations.csv").write_text("study_uid,series_uid,sop_instance_uid,instance_number,label,x_min,y_min,x_max,y_max\n")
+    (raw / "cohort.csv").write_text("patient_id,group\n")
+    real = deidentify_command({"demo": {"enabled": False}, "raw": str(raw / "DICOM"),
+                               "annotations": str(raw / "annotations.csv"), "cohort": str(raw / "cohort.csv")})
+    assert "--key-file" not in real

@@ -8,7 +8,8 @@ import pytest
 from pydicom.uid import generate_uid
 from test_inventory import AXIAL, SAGITTAL, write_mr
 
-from spinedet.convert import convert_all, find_dcm2niix, run_dcm2niix
+from spinedet.convert import convert_all
+from spinedet.dicom_to_nifti import find_dcm2niix, run_dcm2niix
 
 
 def write_named_series(folder, patient_id, n, iops=None, name="IM_Doe_John_{i}"):

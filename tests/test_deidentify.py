@@ -30,7 +30,7 @@ from spinedet.deidentify import (
     subject_paths,
 )
 from spinedet.inventory import inventory
-from spinedet.synthesize import write_series
+from spinedet.demo.dicom_writer import write_series
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config.yaml"

@@ -17,7 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from spinedet import SpinedetError, cli, evaluate, models, timing
+from spinedet import SpinedetError, cli, engine, evaluate, models, timing
 
 torch.set_num_threads(1)
 
@@ -175,14 +175,31 @@ def test_to_coco_results_converts_xyxy_and_applies_threshold():
         "labels": torch.tensor([2, 1]),
         "scores": torch.tensor([0.9, 0.04]),
     }
-    assert evaluate.to_coco_results(output, 7, 0.05) == [
+    assert engine.to_coco_results(output, 7, 0.05) == [
         {"image_id": 7, "category_id": 2, "bbox": [10.0, 20.0, 20.0, 5.0], "score": pytest.approx(0.9)}]
 
 
 def test_score_threshold_reaches_the_model():
     model = tiny_detector({}, 3, SIZE)
-    evaluate.set_score_threshold(model, 0.01)
+    engine.set_score_threshold(model, 0.01)
     assert model.roi_heads.score_thresh == 0.01
+
+
+def test_one_inference_path_gives_float_cpu_outputs_and_coco_results():
+    torch.manual_seed(0)
+    model = tiny_detector({}, 3, SIZE)
+    engine.set_score_threshold(model, 0.0)
+    model.train()  # infer switches to eval mode itself
+    images = [torch.rand(1, SIZE, SIZE), torch.rand(1, SIZE, SIZE)]
+    outputs = engine.infer(model, images, torch.device("cpu"))
+    assert not model.training and len(outputs) == 2
+    for output in outputs:
+        assert output["boxes"].dtype == output["scores"].dtype == torch.float32
+        assert output["boxes"].device.type == "cpu"
+    batches = [(images, [{"image_id": 11}, {"image_id": 12}])]
+    results = engine.predict_coco(model, batches, torch.device("cpu"))
+    expected = engine.to_coco_results(outputs[0], 11) + engine.to_coco_results(outputs[1], 12)
+    assert results == expected
 
 
 def test_resolve_device_cuda_without_cuda(monkeypatch):

@@ -12,16 +12,8 @@ from pydicom.uid import generate_uid
 
 from spinedet import SpinedetError
 from spinedet.config import load
-from spinedet.inventory import (
-    build_series,
-    classify_files,
-    inventory,
-    is_target,
-    list_files,
-    read_cohort,
-    read_file,
-    select_series,
-)
+from spinedet.dicom import build_series, is_target, list_files, read_file
+from spinedet.inventory import classify_files, inventory, read_cohort, select_series
 
 REPO = Path(__file__).resolve().parents[1]
 SAGITTAL = [0, 1, 0, 0, 0, -1]

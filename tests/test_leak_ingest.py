@@ -25,7 +25,7 @@ from phi import collect_phi, scan_tree
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from spinedet.synthesize import write_series
+from spinedet.demo.dicom_writer import write_series
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config.yaml"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from spinedet.config import load
-from spinedet.synthesize import group_counts
+from spinedet.demo.identities import group_counts
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = [REPO / "config.yaml", REPO / "config" / "paper.yaml"]

@@ -13,9 +13,10 @@ from PIL import Image
 
 from spinedet import SpinedetError
 from spinedet.geometry import pixel_box_to_voxel_box
-from spinedet.inventory import list_files, read_file
+from spinedet.dicom import list_files, read_file
 from spinedet.predict import convert_series, predict, read_series
-from spinedet.slices import map_box, to_canonical
+from spinedet.canonical import to_canonical
+from spinedet.slices import map_box
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,14 +17,8 @@ from pycocotools.coco import COCO
 
 from spinedet import SpinedetError
 from spinedet.cli import main
-from spinedet.slices import (
-    DROPPED_COLUMNS,
-    map_box,
-    select_slices,
-    to_canonical,
-    window_to_uint8,
-    write_patient_slices,
-)
+from spinedet.canonical import to_canonical, window_to_uint8
+from spinedet.slices import DROPPED_COLUMNS, map_box, select_slices, write_patient_slices
 
 CLASSES = ["disc_herniation", "cord_injury"]
 
@@ -459,7 +453,8 @@ def mask_box(mask: np.ndarray) -> list[float]:
 
 
 def test_smoke_export_slices_are_canonical_and_boxes_cover_the_lesions(smoke_export, smoke_slices):
-    from spinedet.synthesize import load_truth, visible_slices
+    from spinedet.demo.rendering import visible_slices
+    from spinedet.demo.truth import load_truth
 
     results, restricted, subjects = smoke_slices
     with (restricted / "pseudonyms.csv").open() as fh:

@@ -13,17 +13,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from spinedet import SpinedetError, phantom
-from spinedet.synthesize import (
-    centered_geometry,
-    group_counts,
-    load_truth,
-    mask_box,
-    render_series,
-    synthesize,
-    visible_slices,
-    write_series,
-)
+from spinedet import SpinedetError
+from spinedet.demo import phantom
+from spinedet.demo.dicom_writer import write_series
+from spinedet.demo.identities import group_counts
+from spinedet.demo.rendering import centered_geometry, mask_box, render_series, visible_slices
+from spinedet.demo.truth import load_truth
+from spinedet.synthesize import synthesize
 
 EXPECTED_SERIES = {"T2_TSE_SAG", "T1_TSE_SAG", "T2_AX", "LOCALIZER"}
 
@@ -238,6 +234,10 @@ def test_same_seed_same_bytes_and_another_seed_differs(tmp_path):
     synthesize(tmp_path / "c", patients=3, matrix=64, seed=12)
     pixels = lambda root: [ds.PixelData for _, ds in read_export(root)]  # noqa: E731
     assert pixels(tmp_path / "c") != pixels(tmp_path / "a")
+    # The demo's pseudonym key comes from the seed: a fresh clone gets the same split.
+    key = (tmp_path / "a" / "pseudonym.key").read_text().strip()
+    assert len(bytes.fromhex(key)) == 32 and (tmp_path / "a" / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "c" / "pseudonym.key").read_text().strip() != key
 
 
 def test_refuses_to_write_over_an_existing_export(smoke_export, tmp_path):

@@ -20,13 +20,13 @@ from PIL import Image
 from spinedet import SpinedetError
 from spinedet import train as train_module
 from spinedet.data import CocoSlices, collate, train_transforms
+from spinedet.metrics import validation_ap50
 from spinedet.models import build_model, load_trained
 from spinedet.train import (
     LOG_COLUMNS,
     anchor_report,
     build_lr_scheduler,
     build_optimizer,
-    coco_ap50,
     load_checkpoint,
     lr_factor,
     train_model,
@@ -51,7 +51,7 @@ RESNET = {
     "anchor_sizes": [[16], [32], [64], [128], [256]],
     "max_iters_per_epoch": 1,
 }
-VGG = {**RESNET, "arch": "fasterrcnn_vgg16", "anchor_sizes": [[16, 32, 64, 128]]}
+VGG = {**RESNET, "arch": "fasterrcnn_vgg16", "anchor_sizes": [[16, 32, 64, 128]], "aspect_ratios": [[0.5, 1.0, 2.0]]}
 
 
 def write_blob_slices(root: Path, n_images: int, size: int = 128, seed: int = 0, negatives: int = 1) -> dict:
@@ -235,16 +235,16 @@ def test_weighted_loader_draws_the_asked_number_of_images(blobs):
     assert ids == [6] * 6
 
 
-def test_coco_ap50_perfect_missing_and_empty():
+def test_validation_ap50_perfect_missing_and_empty():
     coco = {
         "images": [{"id": 1, "width": 64, "height": 64}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]}],
         "categories": [{"id": 1, "name": "disc_herniation"}, {"id": 2, "name": "cord_injury"}],
     }
     perfect = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9}]
-    assert coco_ap50(coco, perfect) == pytest.approx(1.0)
-    assert coco_ap50(coco, []) == 0.0
-    assert coco_ap50({**coco, "annotations": []}, perfect) is None
+    assert validation_ap50(coco, perfect) == pytest.approx(1.0)
+    assert validation_ap50(coco, []) == 0.0
+    assert validation_ap50({**coco, "annotations": []}, perfect) is None
 
 
 # ---------------------------------------------------------------- optimisation

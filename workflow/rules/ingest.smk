@@ -54,6 +54,7 @@ checkpoint deidentify:
         files=rules.inventory.output.files,
         selection=rules.inventory.output.selection,
         annotations=config["annotations"],
+        key=lambda wildcards: PSEUDONYM_KEY or [],
     output:
         participants=f"{RESULTS}/deid/participants.csv",
         issues=f"{RESULTS}/deid/annotation_issues.csv",
@@ -66,6 +67,7 @@ checkpoint deidentify:
         settings={"deidentify": config["deidentify"], "classes": config["classes"]},
         config=EFFECTIVE_CONFIG,
         restricted=lambda wildcards: RESTRICTED,
+        key=lambda wildcards, input: f"--key-file {input.key}" if input.key else "",
         out=lambda wildcards, output: Path(output.participants).parent,
     conda:
         "../../envs/preprocess.yaml"
@@ -73,4 +75,4 @@ checkpoint deidentify:
         "spinedet deidentify --config {params.config}"
         " --conversions {input.conversions} --files {input.files}"
         " --selection {input.selection} --annotations {input.annotations}"
-        " --restricted {params.restricted} --out {params.out} > {log} 2>&1"
+        " --restricted {params.restricted} {params.key} --out {params.out} > {log} 2>&1"

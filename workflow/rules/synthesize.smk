@@ -6,6 +6,7 @@ if config["demo"]["enabled"]:
             annotations=config["annotations"],
             cohort=config["cohort"],
             preview=f"{config['demo']['out']}/preview.png",
+            key=f"{config['demo']['out']}/pseudonym.key",
         params:
             # The config this rule depends on: a change reruns it.
             settings={"classes": config["classes"], "groups": config["groups"]},

@@ -38,9 +38,8 @@ import numpy as np
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.convert import read_csv
 from spinedet.geometry import GeometryError, pixel_box_to_voxel_box, volume_slice_axis
-from spinedet.inventory import write_csv
+from spinedet.io import read_csv, write_bytes, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", required=True, type=Path, help="restricted inventory selection.csv")
     parser.add_argument("--annotations", required=True, type=Path, help="annotations.csv (DICOM pixel boxes)")
     parser.add_argument("--restricted", required=True, type=Path, help="restricted folder (key, key table)")
+    parser.add_argument("--key-file", type=Path, default=None,
+                        help="HMAC key file (hex); default: config deidentify.key_file, else restricted/pseudonym.key")
     parser.add_argument("--out", required=True, type=Path, help="de-identified output folder")
 
 
@@ -181,15 +182,8 @@ def scrubbed_sidecar(source: Path, pixel_spacing: list[float] | None = None) -> 
     return kept
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def _write_json(path: Path, content) -> None:
-    _write_bytes(path, (json.dumps(content, indent=2, sort_keys=True) + "\n").encode())
+    write_json(path, content, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +363,7 @@ def deidentify(conversions: list[dict], file_rows: list[dict], selection: list[d
             raise SpinedetError(f"selection row {conversion['row']}: the converted series has no ok file "
                                 "in files.csv: rerun inventory and convert")
         paths = subject_paths(out, pseudonyms[patient_id])
-        _write_bytes(paths["nifti"], scrubbed_nifti_bytes(Path(conversion["nifti"])))
+        write_bytes(paths["nifti"], scrubbed_nifti_bytes(Path(conversion["nifti"])))
         _write_json(paths["sidecar"], scrubbed_sidecar(Path(conversion["sidecar"]),
                                                        json.loads(first["pixel_spacing"])))
         image = nib.load(conversion["nifti"])
@@ -426,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.restricted).resolve().is_relative_to(Path(args.out).resolve()):
         raise SpinedetError(f"the restricted folder {args.restricted} lies inside --out {args.out}: "
                             "the key would leave restricted/")
-    key = load_or_create_key(args.restricted, config["deidentify"].get("key_file"))
+    key = load_or_create_key(args.restricted, args.key_file or config["deidentify"]["key_file"])
     counts = deidentify(
         conversions=read_csv(args.conversions),
         file_rows=read_csv(args.files),

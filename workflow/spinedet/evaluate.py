@@ -13,16 +13,16 @@ Writes, under --out:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from spinedet import SpinedetError
+from spinedet import SpinedetError, engine
 from spinedet import metrics as metrics_lib
 from spinedet import timing as timing_lib
+from spinedet.io import write_json
 from spinedet.models import resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,39 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
-def to_coco_results(output: dict, image_id: int, score_threshold: float) -> list[dict]:
-    """torchvision detections (boxes xyxy, labels, scores) -> COCO results entries."""
-    boxes = output["boxes"].detach().float().cpu()
-    scores = output["scores"].detach().float().cpu()
-    labels = output["labels"].detach().cpu()
-    keep = scores >= score_threshold
-    results = []
-    for (x1, y1, x2, y2), label, score in zip(boxes[keep].tolist(), labels[keep].tolist(), scores[keep].tolist()):
-        results.append({
-            "image_id": int(image_id),
-            "category_id": int(label),
-            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-            "score": round(score, 6),
-        })
-    return results
-
-
-def set_score_threshold(model: torch.nn.Module, score_threshold: float) -> None:
-    """Let the model keep every box down to the configured threshold (torchvision's
-    Faster R-CNN drops boxes below its own box_score_thresh, 0.05 by default)."""
-    roi_heads = getattr(model, "roi_heads", None)
-    if roi_heads is not None and hasattr(roi_heads, "score_thresh"):
-        roi_heads.score_thresh = float(score_threshold)
-
-
-@torch.inference_mode()
 def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshold: float) -> list[dict]:
     """Run the model over every image of a spinedet.data.CocoSlices dataset."""
     detections = []
     for index in tqdm(range(len(dataset)), desc="detect", unit="image"):
-        image = dataset.read_image(index).to(device)
-        output = model([image])[0]
-        detections += to_coco_results(output, dataset.images[index]["id"], score_threshold)
+        output = engine.infer(model, [dataset.read_image(index)], device)[0]
+        detections += engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
     return detections
 
 
@@ -84,17 +57,21 @@ def measure_timing(model: torch.nn.Module, dataset, device: torch.device, timing
     n = len(dataset)
     on_device = [dataset.read_image(i).to(device) for i in range(min(n, max(batch_size, iterations + warmup)))]
 
+    model.eval()
+
     def model_only(i: int):
-        return model([on_device[i % len(on_device)]])
+        with engine.precision(device):
+            return model([on_device[i % len(on_device)]])
 
     def end_to_end(i: int):
         index = i % n
-        image = dataset.read_image(index).to(device)
-        return to_coco_results(model([image])[0], dataset.images[index]["id"], score_threshold)
+        output = engine.infer(model, [dataset.read_image(index)], device)[0]
+        return engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
 
     def batch(i: int):
         start = i * batch_size
-        return model([on_device[(start + j) % len(on_device)] for j in range(batch_size)])
+        with engine.precision(device):
+            return model([on_device[(start + j) % len(on_device)] for j in range(batch_size)])
 
     log.info("timing: %d warm-up + %d timed calls each, on %s", warmup, iterations, device)
     model_seconds = timed_calls_logged("model only", model_only, warmup, iterations, device)
@@ -141,7 +118,7 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
     evaluate_config = config["evaluate"]
     score_threshold = float(evaluate_config["score_threshold"])
     model.to(device).eval()
-    set_score_threshold(model, score_threshold)
+    engine.set_score_threshold(model, score_threshold)
     dataset = CocoSlices(test_coco, image_root)
 
     detections = detect(model, dataset, device, score_threshold)
@@ -160,10 +137,6 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
     }
     timing = {"model": model_name, **measure_timing(model, dataset, device, evaluate_config["timing"], score_threshold)}
     return detections, metrics, timing
-
-
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
 def evaluate(config: dict, model_name: str, weights: Path, test: Path, images: Path, out: Path,

@@ -69,6 +69,15 @@ def run_cocoeval(coco_gt: dict, detections: list[dict], iou_thresholds: list[flo
     return evaluator
 
 
+def validation_ap50(coco_gt: dict, detections: list[dict]) -> float | None:
+    """COCO AP at IoU 0.5, the validation score that picks the best epoch:
+    None when the ground truth has no box, 0 without detections."""
+    if not coco_gt["annotations"]:
+        return None
+    evaluator = run_cocoeval(coco_gt, detections)
+    return 0.0 if evaluator is None else _defined(evaluator.stats[1])
+
+
 def _defined(value: float) -> float | None:
     """COCO marks undefined values (no ground truth) with -1; JSON gets null."""
     return None if value < 0 else float(value)

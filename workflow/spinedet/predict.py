@@ -34,7 +34,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from spinedet import SpinedetError
+from spinedet import SpinedetError, engine
+from spinedet.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
 
     One series: that one. Several: the one the inventory rules would select.
     """
-    from spinedet.inventory import build_series, is_target, list_files, read_file
+    from spinedet.dicom import build_series, is_target, list_files, read_file
 
     rows, seen = [], set()
     for path in tqdm(list_files(folder), desc="read headers", unit="file"):
@@ -116,7 +117,7 @@ def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
 
 def convert_series(series: dict, files: list[dict], work_dir: Path) -> Path:
     """dcm2niix, exactly as `spinedet convert` runs it; the NIfTI path."""
-    from spinedet.convert import run_dcm2niix
+    from spinedet.dicom_to_nifti import run_dcm2niix
 
     result = run_dcm2niix(
         [Path(f["path"]) for f in files],
@@ -131,7 +132,7 @@ def convert_series(series: dict, files: list[dict], work_dir: Path) -> Path:
 
 def prepare_volume(nifti: Path, window_percentiles: list[float]):
     """(original NIfTI affine, CanonicalVolume, uint8 canonical slices) as `spinedet slices` makes them."""
-    from spinedet.slices import to_canonical, window_to_uint8
+    from spinedet.canonical import to_canonical, window_to_uint8
 
     try:
         image = nib.load(nifti)
@@ -201,21 +202,16 @@ class InstanceLocator:
 # ---------------------------------------------------------------- detection
 
 
-@torch.inference_mode()
 def detect_slices(
     model, slices: np.ndarray, classes: list[str], device: torch.device, score_threshold: float
 ) -> list[dict]:
     """Detections on every uint8 canonical slice (n, H, W), in canonical pixel edges."""
-    model.eval()
-    model.roi_heads.score_thresh = min(float(model.roi_heads.score_thresh), score_threshold)
+    engine.set_score_threshold(model, min(float(model.roi_heads.score_thresh), score_threshold))
     detections = []
     for slice_index in tqdm(range(len(slices)), desc="predict", unit="slice"):
-        image = torch.from_numpy(slices[slice_index].astype(np.float32) / 255.0)[None].to(device)
-        with torch.autocast(device_type="cuda", enabled=device.type == "cuda"):
-            output = model([image])[0]
-        boxes = output["boxes"].float().cpu().tolist()
-        scores = output["scores"].float().cpu().tolist()
-        for box, score, label in zip(boxes, scores, output["labels"].cpu().tolist()):
+        image = torch.from_numpy(slices[slice_index].astype(np.float32) / 255.0)[None]
+        output = engine.infer(model, [image], device)[0]
+        for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist()):
             if score >= score_threshold:
                 detections.append(
                     {
@@ -264,9 +260,9 @@ def predict(
             f"--out {out} lies inside the study's results folder {config['results']}: predictions may "
             "carry DICOM UIDs, which must never enter results/; choose another folder"
         )
-    device = resolve_device(config.get("train", {}).get("device", "auto"))
+    device = resolve_device(config["train"]["device"])
     if device.type == "cpu":
-        torch.set_num_threads(int(threads or config.get("train", {}).get("threads", 1)))
+        torch.set_num_threads(int(threads or config["train"]["threads"]))
     if model is None:
         model, meta = load_trained(weights, device)
     classes = list(meta["classes"])
@@ -326,5 +322,5 @@ def predict(
         },
         "detections": detections,
     }
-    (out / "detections.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "detections.json", result)
     return result

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import hashlib
 import importlib.metadata
-import json
 import logging
 import math
 import platform
@@ -40,6 +38,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 from PIL import Image  # noqa: E402
 
 from spinedet import SpinedetError, __version__  # noqa: E402
+from spinedet.io import read_csv, read_json, write_csv, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- inputs
 
 
-def read_json(path: Path):
-    if not path.is_file():
-        raise SpinedetError(f"report input missing: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpinedetError(f"{path} is not valid JSON ({exc})") from exc
-
-
-def read_csv_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise SpinedetError(f"report input missing: {path}")
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def read_model_results(results: Path, model: str) -> dict:
     """One model's evaluation and training outputs."""
-    train_log = read_csv_rows(results / "models" / model / "train_log.csv")
+    train_log = read_csv(results / "models" / model / "train_log.csv")
     return {
         "name": model,
         "metrics": read_json(results / "eval" / model / "metrics.json"),
@@ -120,7 +103,7 @@ def read_model_results(results: Path, model: str) -> dict:
 
 def read_group_counts(path: Path) -> dict:
     """split/group_counts.csv (rows = group, columns = split) as a table with totals."""
-    rows = read_csv_rows(path)
+    rows = read_csv(path)
     if not rows:
         raise SpinedetError(f"{path} has no rows")
     first = list(rows[0])[0]
@@ -137,7 +120,7 @@ def read_group_counts(path: Path) -> dict:
 
 def inventory_rows(summary: dict) -> list[dict]:
     """inventory/summary.json as labelled rows; nested counts become indented rows."""
-    from spinedet.inventory import REASONS
+    from spinedet.quarantine import REASONS
 
     rows = []
     for key, value in summary.items():
@@ -155,7 +138,7 @@ def inventory_rows(summary: dict) -> list[dict]:
 
 def annotation_issue_counts(path: Path) -> list[dict]:
     """deid/annotation_issues.csv counted by reason (most frequent first)."""
-    counts = Counter(row["reason"] for row in read_csv_rows(path))
+    counts = Counter(row["reason"] for row in read_csv(path))
     return [{"reason": reason, "count": n} for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
@@ -308,12 +291,7 @@ def csv_value(value) -> str:
 
 
 def write_summary_csv(path: Path, rows: list[dict]) -> None:
-    columns = list(rows[0])
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([csv_value(row[c]) for c in columns])
+    write_csv(path, [{key: csv_value(value) for key, value in row.items()} for row in rows], list(rows[0]))
 
 
 def percent(value, digits: int = 1) -> str:
@@ -644,9 +622,8 @@ def build_report(config: dict, model_names: list[str], results: Path, images_roo
         "manifest": run_manifest(config, models),
     }
     environment = template_environment()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.html").write_text(environment.get_template("report.html").render(context), encoding="utf-8")
-    (out / "report.md").write_text(environment.get_template("report.md").render(context), encoding="utf-8")
+    write_text(out / "report.html", environment.get_template("report.html").render(context))
+    write_text(out / "report.md", environment.get_template("report.md").render(context))
     write_summary_csv(out / "summary.csv", rows)
     log.info("report written to %s", out)
     return context

@@ -50,7 +50,6 @@ canonical pixel edges as mapped, before clipping.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from dataclasses import dataclass
@@ -58,23 +57,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import (
-    apply_orientation,
-    axcodes2ornt,
-    inv_ornt_aff,
-    io_orientation,
-    ornt_transform,
-)
 from PIL import Image
 from tqdm import tqdm
 
 from spinedet import SpinedetError
+from spinedet.canonical import to_canonical, window_to_uint8
+from spinedet.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-# Direction each canonical voxel axis increases towards (nibabel axis codes):
-# left -> right (slices), superior -> inferior (rows), anterior -> posterior (columns).
-CANONICAL_AXCODES = ("R", "I", "P")
 SLICE_MODES = ("mid", "annotated")
 DROPPED_COLUMNS = [
     "patient",
@@ -90,16 +81,6 @@ DROPPED_COLUMNS = [
 
 
 @dataclass(frozen=True)
-class CanonicalVolume:
-    """A volume in canonical orientation and the map from its original voxels."""
-
-    data: np.ndarray  # (left->right, superior->inferior, anterior->posterior)
-    affine: np.ndarray  # canonical voxel -> RAS mm
-    old_to_new: np.ndarray  # 4x4: original voxel -> canonical voxel
-    source_lr_axis: int  # the original voxel axis that became the slice axis
-
-
-@dataclass(frozen=True)
 class SliceBox:
     """A box in canonical pixel-edge coordinates of canonical slice `slice_index`."""
 
@@ -110,26 +91,6 @@ class SliceBox:
     y_min: float
     x_max: float
     y_max: float
-
-
-def to_canonical(image: nib.spatialimages.SpatialImage) -> CanonicalVolume:
-    """Reorient a 3-D image so that its voxel axes follow CANONICAL_AXCODES."""
-    data = np.asanyarray(image.get_fdata(dtype=np.float32))
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SpinedetError(f"expected a 3-D volume, got shape {data.shape}")
-    current = io_orientation(image.affine)
-    transform = ornt_transform(current, axcodes2ornt(CANONICAL_AXCODES))
-    new_affine = image.affine @ inv_ornt_aff(transform, data.shape)
-    old_to_new = np.linalg.inv(new_affine) @ image.affine
-    source_lr_axis = int(np.flatnonzero(current[:, 0] == 0)[0])
-    return CanonicalVolume(
-        data=apply_orientation(data, transform),
-        affine=new_affine,
-        old_to_new=old_to_new,
-        source_lr_axis=source_lr_axis,
-    )
 
 
 def map_box(box: dict, slice_axis: int, old_to_new: np.ndarray) -> SliceBox:
@@ -163,18 +124,6 @@ def map_box(box: dict, slice_axis: int, old_to_new: np.ndarray) -> SliceBox:
         x_max=round(float(corners[:, 2].max()) + 0.5, 3),
         y_max=round(float(corners[:, 1].max()) + 0.5, 3),
     )
-
-
-def window_to_uint8(data: np.ndarray, percentiles: list[float]) -> np.ndarray:
-    """Map the volume's [low, high] percentile window linearly to 0..255."""
-    finite = data[np.isfinite(data)]
-    if finite.size == 0:
-        return np.zeros(data.shape, dtype=np.uint8)
-    low, high = np.percentile(finite, percentiles)
-    if high <= low:
-        return np.zeros(data.shape, dtype=np.uint8)
-    scaled = (np.nan_to_num(data, nan=low) - low) / (high - low) * 255.0
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
 
 def select_slices(n_slices: int, mode: str, half_width: int, annotated: set[int]) -> list[int]:
@@ -220,10 +169,6 @@ def slice_file_name(pseudonym: str, slice_index: int, n_slices: int) -> str:
 def write_png(path: Path, pixels: np.ndarray) -> None:
     """Write an 8-bit grayscale PNG with no text or other metadata chunks."""
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(path, format="PNG")
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, sort_keys=True, indent=1) + "\n")
 
 
 def read_boxes(path: Path) -> dict:
@@ -327,7 +272,7 @@ def write_patient_slices(volume_path: Path, boxes_path: Path, out_dir: Path, con
             {"id": i, "name": name, "supercategory": "lesion"} for i, name in enumerate(classes, start=1)
         ],
     }
-    write_json(patient_dir / "coco.json", coco)
+    write_json(patient_dir / "coco.json", coco, sort_keys=True)
     write_dropped(patient_dir / "dropped_boxes.csv", pseudonym, dropped)
     log.info(
         "sub-%s: %d slices, %d boxes kept, %d dropped", pseudonym, len(images), len(annotations), len(dropped)
@@ -336,23 +281,10 @@ def write_patient_slices(volume_path: Path, boxes_path: Path, out_dir: Path, con
 
 
 def write_dropped(path: Path, pseudonym: str, dropped: list[tuple[SliceBox, str]]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(DROPPED_COLUMNS)
-        for box, reason in dropped:
-            writer.writerow(
-                [
-                    pseudonym,
-                    box.label,
-                    box.volume_slice,
-                    box.slice_index,
-                    box.x_min,
-                    box.y_min,
-                    box.x_max,
-                    box.y_max,
-                    reason,
-                ]
-            )
+    rows = [dict(zip(DROPPED_COLUMNS, [pseudonym, box.label, box.volume_slice, box.slice_index, box.x_min,
+                                       box.y_min, box.x_max, box.y_max, reason]))
+            for box, reason in dropped]
+    write_csv(path, rows, DROPPED_COLUMNS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,6 @@ does not matter).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -55,6 +54,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm import tqdm
 
 from spinedet import SpinedetError
+from spinedet.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def write_split(coco_paths: list[Path], out_dir: Path, config: dict) -> dict[str
     for split in SPLITS:
         cocos = [patient_cocos[p] for p in sorted(patient_cocos) if assignment[p] == split]
         merged = merge_cocos(cocos, categories, split)
-        (out_dir / f"{split}.json").write_text(json.dumps(merged, sort_keys=True, indent=1) + "\n")
+        write_json(out_dir / f"{split}.json", merged, sort_keys=True)
         log.info(
             "%s: %d patients, %d images, %d boxes",
             split,
@@ -242,26 +242,20 @@ def write_split(coco_paths: list[Path], out_dir: Path, config: dict) -> dict[str
 
 
 def write_assignments(path: Path, patient_groups, assignment, fold_of: dict[str, int] | None) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["patient", "group", "split"] + (["fold"] if fold_of is not None else []))
-        for patient in sorted(assignment):
-            row = [patient, patient_groups[patient], assignment[patient]]
-            if fold_of is not None:
-                row.append(fold_of.get(patient, ""))
-            writer.writerow(row)
+    columns = ["patient", "group", "split"] + (["fold"] if fold_of is not None else [])
+    rows = [{"patient": patient, "group": patient_groups[patient], "split": assignment[patient],
+             "fold": "" if fold_of is None else fold_of.get(patient, "")}
+            for patient in sorted(assignment)]
+    write_csv(path, rows, columns)
 
 
 def write_group_counts(path: Path, patient_groups, assignment, groups: list[str]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["group", *SPLITS, "total"])
-        for group in [*groups, "total"]:
-            counts = [
-                sum(1 for p, s in assignment.items() if s == split and group in ("total", patient_groups[p]))
-                for split in SPLITS
-            ]
-            writer.writerow([group, *counts, sum(counts)])
+    rows = []
+    for group in [*groups, "total"]:
+        counts = {split: sum(1 for p, s in assignment.items() if s == split and group in ("total", patient_groups[p]))
+                  for split in SPLITS}
+        rows.append({"group": group, **counts, "total": sum(counts.values())})
+    write_csv(path, rows, ["group", *SPLITS, "total"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,17 +21,12 @@ epoch's shuffling is seeded by seed + epoch.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import io
 import itertools
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -42,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spinedet import SpinedetError
+from spinedet import SpinedetError, engine
 from spinedet.data import (
     CocoSlices,
     LesionCrop,
@@ -55,6 +50,8 @@ from spinedet.data import (
     sampling_weights,
     train_transforms,
 )
+from spinedet.io import copy_file, write_atomically, write_csv, write_json
+from spinedet.metrics import validation_ap50
 
 log = logging.getLogger(__name__)
 
@@ -347,85 +344,15 @@ def train_one_epoch(
     return {"iters": iters, **means}
 
 
-@torch.inference_mode()
-def predict_coco(model, loader, device: torch.device) -> list[dict]:
-    """COCO results ([x, y, w, h], score, category_id) for every image of `loader`."""
-    model.eval()
-    results = []
-    for images, targets in loader:
-        images = [img.to(device) for img in images]
-        with torch.autocast(device_type="cuda", enabled=device.type == "cuda"):
-            outputs = model(images)
-        for target, output in zip(targets, outputs):
-            boxes = output["boxes"].float().cpu().tolist()
-            scores = output["scores"].float().cpu().tolist()
-            for box, score, label in zip(boxes, scores, output["labels"].cpu().tolist()):
-                x0, y0, x1, y1 = box
-                results.append(
-                    {
-                        "image_id": int(target["image_id"]),
-                        "category_id": int(label),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": score,
-                    }
-                )
-    return results
-
-
-def coco_ap50(coco_gt: dict, detections: list[dict]) -> float | None:
-    """COCO AP at IoU 0.5 (pycocotools); None when the ground truth has no boxes."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not coco_gt["annotations"]:
-        return None
-    if not detections:
-        return 0.0
-    dataset = {
-        "images": coco_gt["images"],
-        "categories": coco_gt["categories"],
-        # pycocotools needs area and iscrowd on every ground-truth box.
-        "annotations": [
-            {"area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0, **a} for a in coco_gt["annotations"]
-        ],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        gt = COCO()
-        gt.dataset = dataset
-        gt.createIndex()
-        dt = gt.loadRes(detections)
-        evaluator = COCOeval(gt, dt, iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    ap50 = float(evaluator.stats[1])
-    return ap50 if ap50 >= 0 else None
-
-
 # ---------------------------------------------------------------- files
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def save_checkpoint(obj: dict, path: Path) -> None:
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_log(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in LOG_COLUMNS})
-    os.replace(tmp, path)
+    write_csv(path, rows, LOG_COLUMNS, none_as="")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -515,24 +442,24 @@ def train_model(
     from spinedet.config import model_norm
     from spinedet.models import build_model, count_parameters, resolve_device
 
-    if model_name not in config.get("models", {}):
+    if model_name not in config["models"]:
         raise SpinedetError(f"--model {model_name}: no such entry under models: in the config")
     # The resolved norm travels with the weights: best.pt loads the same network
     # whatever the default is when it is read.
     model_cfg = {**config["models"][model_name], "norm": model_norm(config["models"][model_name])}
-    train_cfg = config.get("train", {})
+    train_cfg = config["train"]
     classes = list(config["classes"])
-    seed = int(config.get("seed", 0))
+    seed = int(config["seed"])
     epochs = int(model_cfg["epochs"])
     out = Path(out)
     state_dir = out / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
 
-    device = resolve_device(train_cfg.get("device", "auto"))
-    threads = int(threads or train_cfg.get("threads", 1))
+    device = resolve_device(train_cfg["device"])
+    threads = int(threads or train_cfg["threads"])
     if device.type == "cpu":
         torch.set_num_threads(threads)
-    seed_everything(seed, bool(train_cfg.get("deterministic", False)))
+    seed_everything(seed, bool(train_cfg["deterministic"]))
 
     train_coco, val_coco = load_coco(train_json), load_coco(val_json)
     check_categories(train_coco, classes, str(train_json))
@@ -543,8 +470,8 @@ def train_model(
 
     train_set, weights = training_set(train_coco, images, model_cfg, classes)
     val_set = CocoSlices(val_coco, images)
-    batch_size = int(model_cfg.get("batch_size", 2))
-    workers = int(train_cfg.get("workers", 0))
+    batch_size = int(model_cfg["batch_size"])
+    workers = int(train_cfg["workers"])
     max_iters = model_cfg.get("max_iters_per_epoch")
     iters_per_epoch = math.ceil(len(train_set) / batch_size)
     if max_iters:
@@ -552,7 +479,7 @@ def train_model(
 
     model = build_model(model_cfg, num_classes=len(classes) + 1, image_size=size).to(device)
     anchors = anchor_report(train_coco, classes, model_cfg, model, size)
-    (out / "anchors.json").write_text(json.dumps(anchors, indent=2) + "\n")
+    write_json(out / "anchors.json", anchors, indent=2)
     matched = anchors["all"].get("fraction_matched")
     log.info(
         "anchors: %d training boxes, %s have a grid anchor with IoU >= 0.5 (anchors.json)",
@@ -614,7 +541,7 @@ def train_model(
                 ap50 = None
                 if len(val_set):
                     val_loader = make_loader(val_set, batch_size, False, workers, seed)
-                    ap50 = coco_ap50(val_coco, predict_coco(model, val_loader, device))
+                    ap50 = validation_ap50(val_coco, engine.predict_coco(model, val_loader, device))
                 row = {
                     "epoch": epoch,
                     **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()},
@@ -626,8 +553,8 @@ def train_model(
                 improved = ap50 is None or best_ap is None or ap50 > best_ap
                 if improved:
                     best_ap = ap50 if ap50 is not None else best_ap
-                    save_atomic(best_weights(model, model_name, model_cfg, classes, size, epoch, ap50), best_path)
-                save_atomic(
+                    save_checkpoint(best_weights(model, model_name, model_cfg, classes, size, epoch, ap50), best_path)
+                save_checkpoint(
                     {
                         **{part: state.state_dict() for part, state in resumable.items()},
                         "epoch": epoch,
@@ -653,7 +580,7 @@ def train_model(
 
     if not best_path.is_file():
         raise SpinedetError(f"{best_path} is missing: delete {state_dir} and train again")
-    copy_atomic(best_path, out / "best.pt")
-    copy_atomic(log_path, out / "train_log.csv")
+    copy_file(best_path, out / "best.pt")
+    copy_file(log_path, out / "train_log.csv")
     log.info("%s: best epoch weights in %s, log in %s", model_name, out / "best.pt", out / "train_log.csv")
     return 0

@@ -1,0 +1,9 @@
+"""The demo's synthetic hospital export: the generator behind `spinedet synthesize`.
+
+- phantom: the cervical-spine anatomy and its lesions, as continuous shapes;
+- rendering: series geometry, rendering a phantom into a slice stack, boxes;
+- dicom_writer: MR Image Storage files as a scanner writes them;
+- identities: the cohort, fake identities and export layouts;
+- truth: the lesion masks kept for tests;
+- preview: the montage of the export.
+"""

@@ -1,0 +1,279 @@
+"""Reading DICOM headers: one file at a time, without its pixel data.
+
+`read_file` classifies a file from its header alone (an MR image with the
+attributes its geometry needs, a DICOMDIR, or quarantined with a reason from
+`spinedet.quarantine` and a detail a person can act on); `build_series`
+groups the image rows into series; `is_target` applies the `inventory:`
+rules to a series. Shared by the inventory and by `spinedet predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from spinedet import SpinedetError
+from spinedet.geometry import orientation_label
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+SUPPORTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+PIXEL_DATA_TAG = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+SNAKEMAKE_MARKER = ".snakemake_timestamp"
+# Values larger than this are skipped by position instead of read.
+DEFER_SIZE = 1024
+
+REQUIRED_IMAGE_ATTRIBUTES = (
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+)
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every file under `root`, at any depth, in sorted order of the relative path.
+
+    Only Snakemake's own marker of a `directory()` output (written at the
+    root when the synthesizer made the export) is left out: it is not part
+    of the export.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise SpinedetError(f"raw export folder not found: {root}")
+    found = []
+    for folder, _dirs, names in os.walk(root):
+        found.extend(Path(folder, name) for name in names
+                     if not (name == SNAKEMAKE_MARKER and Path(folder) == root))
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def quarantine_row(reason: str, detail: str, **fields) -> dict:
+    return {"status": "quarantined", "kind": fields.pop("kind", "other"), "reason": reason,
+            "detail": detail, **fields}
+
+
+def _dcmread_header(path: Path, force: bool):
+    """Read all elements, skipping large values by position; collect pydicom's warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=force)
+    return dataset, [str(w.message) for w in caught]
+
+
+def _transfer_syntax(dataset):
+    """The file's transfer syntax UID, or None when absent or not a known transfer syntax."""
+    uid = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        return uid if uid is not None and uid.is_transfer_syntax else None
+    except ValueError:
+        return None
+
+
+def _raw_element(dataset, tag):
+    """The element as read from the file, without loading a deferred (skipped) value."""
+    return dataset.get_item(tag, keep_deferred=True)
+
+
+def _overrun(dataset, file_size: int) -> str | None:
+    """Describe the first element whose value runs past the end of the file, if any."""
+    transfer_syntax = _transfer_syntax(dataset)
+    if transfer_syntax is not None and transfer_syntax.is_deflated:
+        return None  # positions refer to the inflated stream, not the file
+    if len(dataset) == 0:
+        return "the file ends within or right after its file meta information"
+    end = None
+    for tag in dataset.keys():
+        element = _raw_element(dataset, tag)
+        length = getattr(element, "length", None)
+        value_tell = getattr(element, "value_tell", None)
+        if length is None or value_tell is None or length == UNDEFINED_LENGTH:
+            end = None  # end of this element unknown
+            continue
+        if element.value is not None and len(element.value) < length:
+            return f"element {element.tag} has {len(element.value)} of its {length} bytes"
+        end = value_tell + length
+        if end > file_size:
+            return f"element {element.tag} needs {end} bytes, file has {file_size}"
+    # pydicom stops silently when fewer than 8 bytes (one element header) remain
+    if end is not None and 0 < file_size - end < 8:
+        return f"the file ends with {file_size - end} bytes of an incomplete element"
+    return None
+
+
+def _expected_pixel_bytes(dataset) -> int:
+    bits = int(dataset.get("BitsAllocated", 16))
+    samples = int(dataset.get("SamplesPerPixel", 1))
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    pixels = int(dataset.Rows) * int(dataset.Columns) * samples * frames
+    return (pixels * bits + 7) // 8
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _numbers(value) -> str:
+    """A multi-valued numeric attribute as a JSON list (empty string if absent)."""
+    if value is None or value == "":
+        return ""
+    values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    return json.dumps([float(v) for v in values])
+
+
+def read_file(path: Path) -> dict:
+    """Classify one file from its header: a partial files.csv row (no duplicate/cohort check)."""
+    size = path.stat().st_size
+    if size == 0:
+        return quarantine_row("not_dicom", "empty file: remove it from the export")
+    try:
+        dataset, messages = _dcmread_header(path, force=False)
+    except InvalidDicomError:
+        # Files without the 128-byte preamble are still DICOM; anything else
+        # parsed by force has no SOP instance UID and is not DICOM.
+        try:
+            dataset, messages = _dcmread_header(path, force=True)
+            if "SOPInstanceUID" not in dataset or "SOPClassUID" not in dataset:
+                raise InvalidDicomError("no SOP Instance/Class UID")
+        except Exception:  # noqa: BLE001 - any parse failure here means "not DICOM"
+            return quarantine_row("not_dicom", "no DICOM header (no 'DICM' prefix, no SOP UIDs): "
+                               "remove it or move it out of the export")
+    except Exception as exc:  # noqa: BLE001 - report the parser's message, keep going
+        return quarantine_row("unreadable", f"pydicom cannot parse the header ({type(exc).__name__}: "
+                           f"{exc}): re-export the file")
+
+    overrun = _overrun(dataset, size)
+    eof_messages = [m for m in messages if re.search(r"(?i)\bEOF|end of (the )?file", m)]
+    if overrun or eof_messages:
+        return quarantine_row("truncated", f"{overrun or eof_messages[0]}: the copy is incomplete, "
+                           "re-export the file", **_identity(dataset))
+    try:
+        return _classify_dataset(dataset)
+    except Exception as exc:  # noqa: BLE001 - malformed values (bad VR, bad numbers)
+        return quarantine_row("unreadable", f"header value cannot be decoded ({type(exc).__name__}: "
+                           f"{exc}): re-export the file")
+
+
+def _identity(dataset) -> dict:
+    """Patient, study, series, instance and SOP class of a header, as far as they can be read."""
+    meta = getattr(dataset, "file_meta", None)
+    keywords = {"patient_id": "PatientID", "study_uid": "StudyInstanceUID",
+                "series_uid": "SeriesInstanceUID", "sop_instance_uid": "SOPInstanceUID",
+                "sop_class_uid": "SOPClassUID"}
+    fields = {}
+    for column, keyword in keywords.items():
+        try:
+            fields[column] = _text(dataset.get(keyword))
+        except Exception:  # noqa: BLE001 - a cut or malformed value: leave it empty
+            fields[column] = ""
+    if not fields["sop_class_uid"] and meta is not None:
+        fields["sop_class_uid"] = _text(meta.get("MediaStorageSOPClassUID"))
+    return fields
+
+
+def _classify_dataset(dataset) -> dict:
+    fields = _identity(dataset)
+    sop_class = fields["sop_class_uid"]
+    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in dataset:
+        return {"status": "ok", "kind": "dicomdir", "reason": "",
+                "detail": "DICOMDIR index: not an image, not used", **fields}
+    fields["kind"] = "image"
+    if sop_class not in SUPPORTED_SOP_CLASSES:
+        name = pydicom.uid.UID(sop_class).name if sop_class else "missing"
+        return quarantine_row("unsupported_sop_class", f"SOP class {name} ({sop_class or 'none'}): only "
+                           "MR Image Storage is converted", **fields)
+    if PIXEL_DATA_TAG not in dataset:
+        return quarantine_row("no_pixel_data", "no (7FE0,0010) Pixel Data element: re-export the image "
+                           "with its pixels", **fields)
+    missing = [name for name in REQUIRED_IMAGE_ATTRIBUTES if _text(dataset.get(name)) == ""]
+    if missing:
+        return quarantine_row("missing_attributes", f"missing {', '.join(missing)}: the image cannot be "
+                           "placed in patient space", **fields)
+    transfer_syntax = _transfer_syntax(dataset)
+    pixel_element = _raw_element(dataset, PIXEL_DATA_TAG)
+    if (transfer_syntax is None or not transfer_syntax.is_encapsulated) and (
+        pixel_element.length != UNDEFINED_LENGTH
+    ):
+        expected = _expected_pixel_bytes(dataset)
+        if pixel_element.length < expected:
+            return quarantine_row("truncated", f"pixel data has {pixel_element.length} bytes, "
+                               f"{expected} expected from Rows x Columns x BitsAllocated: "
+                               "re-export the file", **fields)
+
+    iop = [float(v) for v in dataset.ImageOrientationPatient]
+    fields.update(
+        instance_number=_text(dataset.get("InstanceNumber")),
+        series_number=_text(dataset.get("SeriesNumber")),
+        series_description=_text(dataset.get("SeriesDescription")),
+        rows=int(dataset.Rows),
+        columns=int(dataset.Columns),
+        image_position=_numbers(dataset.ImagePositionPatient),
+        image_orientation=json.dumps(iop),
+        pixel_spacing=_numbers(dataset.PixelSpacing),
+        slice_thickness=_text(dataset.get("SliceThickness")),
+        orientation=orientation_label(iop),
+    )
+    return {"status": "ok", "reason": "", "detail": "", **fields}
+
+
+
+# --------------------------------------------------------------------------
+# Series
+
+
+def series_number_key(series: dict) -> tuple:
+    try:
+        return (0, int(float(series["series_number"])))
+    except ValueError:
+        return (1, 0)
+
+
+def build_series(file_rows: list[dict]) -> list[dict]:
+    """Group the ok image files into series.csv rows."""
+    members: dict[str, list[dict]] = defaultdict(list)
+    for row in file_rows:
+        if row["status"] == "ok" and row["kind"] == "image":
+            members[row["series_uid"]].append(row)
+    series_rows = []
+    for uid, files in members.items():
+        first = files[0]
+        orientations = {f["orientation"] for f in files}
+        series_rows.append({
+            "patient_id": first["patient_id"],
+            "study_uid": first["study_uid"],
+            "series_uid": uid,
+            "series_number": first["series_number"],
+            "description": first["series_description"],
+            "orientation": orientations.pop() if len(orientations) == 1 else "mixed",
+            "n_slices": len(files),
+            "pixel_spacing": first["pixel_spacing"],
+            "slice_thickness": first["slice_thickness"],
+            "rows": first["rows"],
+            "columns": first["columns"],
+            "files": ";".join(f["path"] for f in files),
+            "selected": False,
+        })
+    series_rows.sort(key=lambda s: (s["patient_id"], s["study_uid"], series_number_key(s), s["series_uid"]))
+    return series_rows
+
+
+def is_target(series: dict, rules: dict) -> bool:
+    """Does a series meet the `inventory:` rules (orientation, description, exclusion)?"""
+    if series["orientation"] != rules["orientation"]:
+        return False
+    if not re.search(rules["description_pattern"], series["description"]):
+        return False
+    exclude = rules.get("exclude_pattern")
+    return not (exclude and re.search(exclude, series["description"]))
