@@ -312,6 +312,9 @@ def file_contents(path: Path) -> list[tuple[str, bytes, bool]]:
     return _payload_parts("content", data)
 
 
+LOG_RECORD_TIME = re.compile(rb"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} (?=[A-Z]+ )")
+
+
 def scan_tree(root: str | Path, phi: dict[str, str]) -> list[Hit]:
     """Every place under `root` (file and folder names, file contents) holding a PHI value."""
     root = Path(root)
@@ -330,6 +333,10 @@ def scan_tree(root: str | Path, phi: dict[str, str]) -> list[Hit]:
             if not path.is_file():
                 continue
             for where, content, binary in file_contents(path):
+                if path.suffix == ".log":
+                    # The logger's own clock ("2026-11-30 14:16:50,123 INFO ...") is no
+                    # PHI, but can equal a synthetic StudyTime to the second.
+                    content = LOG_RECORD_TIME.sub(b"", content)
                 for value, keyword in matcher.find(content, MIN_LENGTH if binary else 0).items():
                     hits.append(Hit(relative, where, value, keyword))
     return hits

@@ -208,3 +208,12 @@ def test_scanner_finds_planted_values(tmp_path):
         ("slice.png", "content (PNG text chunk)", "2019-03-12"),
         ("uid.json", "content", "1.2.826.0.1.3680043.8.498.1234567"),
     }
+
+
+def test_a_log_records_own_clock_is_not_phi_but_a_time_in_its_message_is(tmp_path):
+    phi = {"14:16:50": "StudyTime"}
+    (tmp_path / "inventory.log").write_text(
+        "inventory: 100%|##| 3/3\r2026-11-30 14:16:50,123 INFO spinedet.inventory: files in 3\n")
+    assert scan_tree(tmp_path, phi) == []
+    (tmp_path / "convert.log").write_text("2026-11-30 10:00:00,000 INFO spinedet.convert: study at 14:16:50\n")
+    assert [(h.path, h.value) for h in scan_tree(tmp_path, phi)] == [("convert.log", "14:16:50")]
