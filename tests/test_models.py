@@ -93,11 +93,17 @@ def test_vgg16_fpn_reads_conv3_3_to_conv5_3_at_strides_4_to_32():
         build_model({**VGG_FPN, "output_stride": 8}, num_classes=3, image_size=128)
 
 
-def test_vgg16_fpn_loads_the_vgg16_bn_layout(tmp_path):
-    torch.manual_seed(6)
+def vgg16_bn_weights_file(tmp_path: Path, seed: int) -> tuple[dict, Path]:
+    """A vgg16_bn classification state dict (features only) saved as a local weights file."""
+    torch.manual_seed(seed)
     saved = {f"features.{k}": v for k, v in torchvision.models.vgg16_bn(weights=None).features.state_dict().items()}
     path = tmp_path / "vgg16_bn_backbone.pth"
     torch.save(saved, path)
+    return saved, path
+
+
+def test_vgg16_fpn_loads_the_vgg16_bn_layout(tmp_path):
+    saved, path = vgg16_bn_weights_file(tmp_path, 6)
     model = build_model({**VGG_FPN, "pretrained": str(path), "norm": "frozen_bn"}, num_classes=3, image_size=128)
     body = model.backbone.body
     assert torch.equal(body.state_dict()["40.weight"], saved["features.40.weight"])  # conv5_3
@@ -253,10 +259,7 @@ def test_vgg16_loads_local_backbone_state_dict(tmp_path):
 
 
 def test_vgg16_bn_loads_a_vgg16_bn_state_dict(tmp_path):
-    torch.manual_seed(5)
-    saved = {f"features.{k}": v for k, v in torchvision.models.vgg16_bn(weights=None).features.state_dict().items()}
-    path = tmp_path / "vgg16_bn_backbone.pth"
-    torch.save(saved, path)
+    saved, path = vgg16_bn_weights_file(tmp_path, 5)
     model = build_model({**VGG, "pretrained": str(path), "norm": "frozen_bn"}, num_classes=3, image_size=128)
     loaded = model.backbone.state_dict()
     assert torch.equal(loaded["40.weight"], saved["features.40.weight"])  # conv5_3

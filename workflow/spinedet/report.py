@@ -199,17 +199,16 @@ def model_recipe(name: str, model_cfg: dict | None) -> dict:
     norm = model_norm(model_cfg)
     pretrained = str(model_cfg.get("pretrained", "none"))
     departures = []
-    if arch == "fasterrcnn_vgg16":
-        stride = int(model_cfg.get("output_stride", 16))
-        backbone = f"VGG-16 conv5_3, stride {stride}, {NORM_NAMES[norm]}"
-        if stride != 16:
-            departures.append(f"stride {stride} (pool4 removed; the paper's conv5_3 is at stride 16)")
-        if norm != "none":
-            departures.append(f"{NORM_NAMES[norm]} after each convolution (the paper's VGG-16 has none)")
-    elif arch == "fasterrcnn_vgg16_fpn":
-        backbone = f"VGG-16 + FPN (conv3_3, conv4_3, conv5_3), {NORM_NAMES[norm]}"
-        departures.append("an FPN over conv3_3-conv5_3, as ResNet-50-FPN's (the paper's VGG-16 detector "
-                          "reads conv5_3 alone, at stride 16)")
+    if arch.startswith("fasterrcnn_vgg16"):
+        if arch == "fasterrcnn_vgg16_fpn":
+            backbone = f"VGG-16 + FPN (conv3_3, conv4_3, conv5_3), {NORM_NAMES[norm]}"
+            departures.append("an FPN over conv3_3-conv5_3, as ResNet-50-FPN's (the paper's VGG-16 detector "
+                              "reads conv5_3 alone, at stride 16)")
+        else:
+            stride = int(model_cfg.get("output_stride", 16))
+            backbone = f"VGG-16 conv5_3, stride {stride}, {NORM_NAMES[norm]}"
+            if stride != 16:
+                departures.append(f"stride {stride} (pool4 removed; the paper's conv5_3 is at stride 16)")
         if norm != "none":
             departures.append(f"{NORM_NAMES[norm]} after each convolution (the paper's VGG-16 has none)")
     else:
