@@ -121,9 +121,16 @@ def test_evaluate_writes_detections_metrics_and_timing(tmp_path, tiny_arch, test
     timing_result = json.loads((out / "timing.json").read_text())
     for kind in ("model", "end_to_end"):
         stats = timing_result["latency_s"][kind]
-        assert stats["n"] == 3 and 0 < stats["min"] <= stats["median"] <= stats["p95"] <= stats["max"]
+        # every test slice after the one warm-up slice
+        assert stats["n"] == 5 and 0 < stats["min"] <= stats["median"] <= stats["p95"] <= stats["max"]
+    assert timing_result["latency_s"]["model"]["median"] <= timing_result["latency_s"]["end_to_end"]["median"]
     assert [t["batch_size"] for t in timing_result["throughput"]] == [1, 2]
     assert all(t["images_per_s"] > 0 for t in timing_result["throughput"])
+    assert timing_result["throughput"][1]["batch_seconds"]["n"] == 3
+    for entry in timing_result["throughput"]:
+        load = entry["machine_load"]
+        assert load["wall_s"] > 0 and load["process_cpu_s"] >= 0 and load["logical_cpus"] >= 1
+        assert load["shared"] in (True, False)  # Linux has a load average
     assert timing_result["hardware"]["device"] == "cpu" and timing_result["hardware"]["torch_threads"] == 1
     assert timing_result["software"]["torch"] == torch.__version__
 
@@ -222,6 +229,21 @@ def test_latency_stats():
     assert stats["median"] == pytest.approx(0.3)
     assert stats["p95"] == pytest.approx(0.88)
     assert stats["n"] == 5
+
+
+def test_shared_machine_judges_the_load_at_the_end_against_the_process_own_cpus():
+    assert timing.shared_machine(2.2, own_cpus=1.9) is False  # this process alone (and a decaying tail)
+    assert timing.shared_machine(3.5, own_cpus=1.4) is True  # another job held a CPU
+    assert timing.shared_machine(None, own_cpus=1.0) is None  # no load average on this platform
+
+
+def test_machine_load_records_cpu_and_wall_time():
+    with timing.MachineLoad() as load:
+        sum(i * i for i in range(200_000))
+    record = load.record
+    assert record["wall_s"] > 0 and 0 <= record["process_cpu_s"]
+    assert record["process_cpus_busy"] == pytest.approx(record["process_cpu_s"] / record["wall_s"], rel=0.05, abs=0.01)
+    assert set(record) >= {"load_average_1min_before", "load_average_1min_after", "logical_cpus", "shared"}
 
 
 def test_cpu_model_from_cpuinfo(tmp_path):

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from spinedet import SpinedetError
 from spinedet.cli import main
 from spinedet.canonical import to_canonical, window_to_uint8
-from spinedet.slices import DROPPED_COLUMNS, map_box, select_slices, write_patient_slices
+from spinedet.slices import DROPPED_COLUMNS, map_box, select_slices, write_all_slices, write_patient_slices
 
 CLASSES = ["disc_herniation", "cord_injury"]
 
@@ -368,13 +368,57 @@ def test_cli_writes_the_rule_outputs(tmp_path):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump({"slices": {"half_width": 1}}))
     boxes = [{"label": "disc_herniation", "slice": 4, "min": [10, 20], "max": [15, 30], "axes": [1, 2]}]
-    volume, boxes_path = simple_patient(tmp_path, boxes)
+    simple_patient(tmp_path, boxes)
+    participants = write_participants(tmp_path / "deid", {"P2": "disc"})
     out = tmp_path / "results" / "slices"
-    argv = ["slices", "--config", str(config_path), "--volume", str(volume), "--boxes", str(boxes_path)]
+    argv = ["slices", "--config", str(config_path), "--participants", str(participants)]
     assert main([*argv, "--out", str(out)]) == 0
     coco = json.loads((out / "sub-P2" / "coco.json").read_text())
     assert len(coco["images"]) == 3 and len(coco["annotations"]) == 1
     assert (out / "sub-P2" / "dropped_boxes.csv").is_file()
+
+
+def write_participants(deid: Path, groups: dict[str, str]) -> Path:
+    path = deid / "participants.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("pseudonym,group\n" + "".join(f"{p},{g}\n" for p, g in groups.items()))
+    return path
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_all_patients_in_one_call_give_the_same_files_for_any_worker_count(tmp_path):
+    boxes = [{"label": "disc_herniation", "slice": 4, "min": [10, 20], "max": [15, 30], "axes": [1, 2]},
+             {"label": "cord_injury", "slice": 0, "min": [10, 20], "max": [15, 30], "axes": [1, 2]}]
+    for pseudonym, group in [("A1", "disc"), ("B2", "injured"), ("C3", "normal")]:
+        simple_patient(tmp_path, boxes if group != "normal" else [], pseudonym=pseudonym, group=group)
+    participants = write_participants(tmp_path / "deid", {"A1": "disc", "B2": "injured", "C3": "normal"})
+    config = make_config()
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert write_all_slices(participants, one, config, workers=1) == 3 * 7  # 9 slices, mid ± 3
+    assert write_all_slices(participants, two, config, workers=2) == 3 * 7
+    written = tree_bytes(one)
+    assert written == tree_bytes(two)
+    assert {name.split("/")[0] for name in written} == {"sub-A1", "sub-B2", "sub-C3"}
+    # the same as one patient at a time
+    single = tmp_path / "single"
+    for pseudonym in ("A1", "B2", "C3"):
+        deid = tmp_path / "deid" / f"sub-{pseudonym}"
+        write_patient_slices(deid / "anat" / f"sub-{pseudonym}_T2w.nii.gz", deid / f"sub-{pseudonym}_boxes.json",
+                             single, config)
+    assert tree_bytes(single) == written
+
+
+def test_a_participant_without_its_volume_or_no_participant_at_all_is_a_clear_error(tmp_path):
+    empty = write_participants(tmp_path / "empty", {})
+    with pytest.raises(SpinedetError, match="lists no patient: nothing to slice"):
+        write_all_slices(empty, tmp_path / "out", make_config())
+    simple_patient(tmp_path, [])
+    participants = write_participants(tmp_path / "deid", {"P2": "disc", "Q9": "normal"})
+    with pytest.raises(SpinedetError, match=r"lists sub-Q9, but .* holds 0 volumes, not 1: rerun deidentify"):
+        write_all_slices(participants, tmp_path / "out", make_config())
 
 
 # --------------------------------------------------------------------------
@@ -415,10 +459,9 @@ def smoke_slices(smoke_export, tmp_path_factory):
     for argv in steps:
         assert main(argv) == 0, argv[0]
     subjects = sorted(p.name for p in (results / "deid").glob("sub-*"))
-    for subject in subjects:
-        argv = ["slices", *config, "--volume", str(results / "deid" / subject / "anat" / f"{subject}_T2w.nii.gz"),
-                "--boxes", str(results / "deid" / subject / f"{subject}_boxes.json"), "--out", str(results / "slices")]
-        assert main(argv) == 0, subject
+    argv = ["slices", *config, "--participants", str(results / "deid" / "participants.csv"),
+            "--out", str(results / "slices")]
+    assert main(argv) == 0
     return results, restricted, subjects
 
 
@@ -515,11 +558,11 @@ def test_smoke_export_slices_are_canonical_and_boxes_cover_the_lesions(smoke_exp
 
 def test_smoke_slices_feed_the_split(smoke_slices, tmp_path):
     results, _, subjects = smoke_slices
-    cocos = [str(results / "slices" / subject / "coco.json") for subject in subjects]
+    cocos = [results / "slices" / subject / "coco.json" for subject in subjects]
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump({"results": str(results), "restricted": str(tmp_path / "restricted")}))
     out = tmp_path / "split"
-    assert main(["split", "--config", str(config_path), "--cocos", *cocos, "--out", str(out)]) == 0
+    assert main(["split", "--config", str(config_path), "--slices", str(results / "slices"), "--out", str(out)]) == 0
     with (out / "assignments.csv").open() as fh:
         assert sorted(f"sub-{row['patient']}" for row in csv.DictReader(fh)) == subjects
     images = 0

@@ -264,11 +264,21 @@ def test_inconsistent_inputs_are_errors(tmp_path):
 
 
 def test_cli_writes_the_rule_outputs(tmp_path):
-    paths = make_cohort(tmp_path / "results" / "slices", {"disc": 4, "injured": 2, "normal": 4})
+    slices = tmp_path / "results" / "slices"
+    make_cohort(slices, {"disc": 4, "injured": 2, "normal": 4})
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump({"seed": 5, "split": {"folds": 2}}))
     out = tmp_path / "results" / "split"
-    assert main(["split", "--config", str(config_path), "--cocos", *map(str, paths), "--out", str(out)]) == 0
+    assert main(["split", "--config", str(config_path), "--slices", str(slices), "--out", str(out)]) == 0
     for name in ("train.json", "val.json", "test.json", "assignments.csv", "group_counts.csv"):
         assert (out / name).is_file()
     assert len(read_csv(out / "assignments.csv")) == 10
+
+
+def test_cli_refuses_a_slices_folder_without_coco_files(tmp_path, caplog):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({"seed": 5}))
+    (tmp_path / "slices").mkdir()
+    argv = ["split", "--config", str(config_path), "--slices", str(tmp_path / "slices"), "--out", str(tmp_path / "split")]
+    assert main(argv) == 2
+    assert "holds no sub-*/coco.json: run `spinedet slices` first" in caplog.text

@@ -32,14 +32,3 @@ localrules:
     convert,
     deidentify,
 
-
-def subjects(wildcards):
-    """Pseudonyms of the de-identified patients (known once deidentify ran)."""
-    participants = checkpoints.deidentify.get().output.participants
-    with open(participants) as fh:
-        next(fh)
-        return sorted(line.split(",")[0] for line in fh if line.strip())
-
-
-def slice_cocos(wildcards):
-    return [f"{RESULTS}/slices/sub-{p}/coco.json" for p in subjects(wildcards)]

@@ -1,5 +1,6 @@
 rule evaluate:
     input:
+        images=rules.slices.output.slices,
         best=rules.train.output.best,
         test=rules.split.output.test,
     output:
@@ -14,7 +15,6 @@ rule evaluate:
         # The config this rule depends on: a change reruns it.
         settings={"evaluate": config["evaluate"], "train": config["train"], "seed": config["seed"]},
         config=EFFECTIVE_CONFIG,
-        images=f"{RESULTS}/slices",
         out=lambda wildcards, output: Path(output.metrics).parent,
     conda:
         "../../envs/train.yaml"
@@ -26,5 +26,5 @@ rule evaluate:
         runtime=config["resources"]["evaluate"]["runtime"],
     shell:
         "spinedet evaluate --config {params.config} --model {wildcards.model}"
-        " --weights {input.best} --test {input.test} --images {params.images}"
+        " --weights {input.best} --test {input.test} --images {input.images}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

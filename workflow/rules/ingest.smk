@@ -48,7 +48,7 @@ rule convert:
         " --selection {input.selection} --out {params.out} > {log} 2>&1"
 
 
-checkpoint deidentify:
+rule deidentify:
     input:
         conversions=rules.convert.output.conversions,
         files=rules.inventory.output.files,

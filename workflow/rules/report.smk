@@ -1,5 +1,6 @@
 rule report:
     input:
+        images=rules.slices.output.slices,
         metrics=expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
         timing=expand(f"{RESULTS}/eval/{{model}}/timing.json", model=MODELS),
         detections=expand(f"{RESULTS}/eval/{{model}}/detections.json", model=MODELS),
@@ -30,7 +31,6 @@ rule report:
         config=EFFECTIVE_CONFIG,
         models=MODELS,
         results=lambda wildcards: RESULTS,
-        images=f"{RESULTS}/slices",
         out=lambda wildcards, output: Path(output.html).parent,
     conda:
         "../../envs/report.yaml"
@@ -39,4 +39,4 @@ rule report:
         runtime=10,
     shell:
         "spinedet report --config {params.config} --models {params.models}"
-        " --results {params.results} --images {params.images} --out {params.out} > {log} 2>&1"
+        " --results {params.results} --images {input.images} --out {params.out} > {log} 2>&1"

@@ -1,24 +1,22 @@
 rule slices:
     input:
-        volume=f"{RESULTS}/deid/sub-{{subject}}/anat/sub-{{subject}}_T2w.nii.gz",
-        boxes=f"{RESULTS}/deid/sub-{{subject}}/sub-{{subject}}_boxes.json",
+        participants=rules.deidentify.output.participants,
     output:
-        coco=f"{RESULTS}/slices/sub-{{subject}}/coco.json",
-        dropped=f"{RESULTS}/slices/sub-{{subject}}/dropped_boxes.csv",
+        slices=directory(f"{RESULTS}/slices"),
     log:
-        f"{LOGS}/slices/sub-{{subject}}.log",
+        f"{LOGS}/slices.log",
     benchmark:
-        f"{BENCH}/slices/sub-{{subject}}.tsv"
+        f"{BENCH}/slices.tsv"
     params:
         # The config this rule depends on: a change reruns it.
         settings={"slices": config["slices"], "classes": config["classes"]},
         config=EFFECTIVE_CONFIG,
-        out=lambda wildcards, output: Path(output.coco).parent.parent,
+    threads: config["resources"]["slices"]["threads"]  # patients sliced in parallel
     conda:
         "../../envs/preprocess.yaml"
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=config["resources"]["slices"]["mem_mb"],
+        runtime=config["resources"]["slices"]["runtime"],
     shell:
-        "spinedet slices --config {params.config} --volume {input.volume}"
-        " --boxes {input.boxes} --out {params.out} > {log} 2>&1"
+        "spinedet slices --config {params.config} --participants {input.participants}"
+        " --out {output.slices} --workers {threads} > {log} 2>&1"

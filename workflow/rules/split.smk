@@ -1,7 +1,6 @@
 rule split:
     input:
-        cocos=slice_cocos,
-        participants=f"{RESULTS}/deid/participants.csv",
+        slices=rules.slices.output.slices,
     output:
         train=f"{RESULTS}/split/train.json",
         val=f"{RESULTS}/split/val.json",
@@ -23,5 +22,5 @@ rule split:
         mem_mb=2000,
         runtime=10,
     shell:
-        "spinedet split --config {params.config} --cocos {input.cocos}"
+        "spinedet split --config {params.config} --slices {input.slices}"
         " --out {params.out} > {log} 2>&1"

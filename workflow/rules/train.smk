@@ -4,6 +4,7 @@
 
 rule train:
     input:
+        images=rules.slices.output.slices,
         train=rules.split.output.train,
         val=rules.split.output.val,
     output:
@@ -22,7 +23,6 @@ rule train:
         # The config this rule depends on: a change reruns it.
         settings=lambda wildcards: {"model": config["models"][wildcards.model], "train": config["train"], "seed": config["seed"], "classes": config["classes"]},
         config=EFFECTIVE_CONFIG,
-        images=f"{RESULTS}/slices",
         out=lambda wildcards, output: Path(output.best).parent,
     conda:
         "../../envs/train.yaml"
@@ -34,5 +34,5 @@ rule train:
         runtime=config["resources"]["train"]["runtime"],
     shell:
         "spinedet train --config {params.config} --model {wildcards.model}"
-        " --train {input.train} --val {input.val} --images {params.images}"
+        " --train {input.train} --val {input.val} --images {input.images}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -20,3 +20,13 @@ def silence_pydicom() -> None:
     if not any(isinstance(h, logging.NullHandler) for h in pydicom_log.handlers):
         pydicom_log.addHandler(logging.NullHandler())
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+
+
+def configure_logging(level: int) -> None:
+    """The one log format of every verb, on stderr (the rule's log file); also
+    the initializer of worker processes, whose records go to the same file."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    silence_pydicom()

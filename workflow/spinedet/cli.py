@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from spinedet import SpinedetError, silence_pydicom
+from spinedet import SpinedetError, configure_logging
 
 STAGES = {
     "synthesize": "Write the synthetic cervical-spine DICOM export (demo data).",
@@ -50,12 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_parser = parser._subparsers._group_actions[0].choices[stage]  # noqa: SLF001
         module.add_arguments(stage_parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    silence_pydicom()
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

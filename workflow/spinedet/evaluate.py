@@ -5,15 +5,18 @@ Writes, under --out:
 - metrics.json: COCO AP/AR, AP at IoU 0.1, per-class AP50, PR curves, FROC
   and CPM, patient-level bootstrap CIs (see spinedet.metrics), plus the
   weights' epoch, validation AP50 and parameter count;
-- timing.json: per-image latency (model only, and end-to-end from the PNG
-  file to COCO detections), images/s at batch 1 and at the configured batch
-  size, and the hardware and software it ran on (see spinedet.timing).
+- timing.json: per-image latency at batch 1 over every test image after
+  `evaluate.timing.warmup` (model only, and end-to-end from the PNG file to
+  COCO detections), images/s at batch 1 and at the configured batch size,
+  the machine's load while it timed, and the hardware and software it ran
+  on (see spinedet.timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -38,67 +41,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
-def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshold: float) -> list[dict]:
-    """Run the model over every image of a spinedet.data.CocoSlices dataset."""
-    detections = []
-    for index in tqdm(range(len(dataset)), desc="detect", unit="image"):
-        output = engine.infer(model, [dataset.read_image(index)], device)[0]
-        detections += engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
-    return detections
+def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshold: float,
+           warmup: int = 0) -> tuple[list[dict], dict]:
+    """Detections on every image of a spinedet.data.CocoSlices dataset, and the
+    latency of each step after the first `warmup` images: `model` (the network,
+    with its copies to and from the device) and `end_to_end` (read the PNG to
+    COCO results). Timing the pass that makes the detections costs nothing
+    extra and times every test image, not a few repeated ones."""
+    detections, model_seconds, e2e_seconds = [], [], []
+    with timing_lib.MachineLoad() as load:
+        for index in tqdm(range(len(dataset)), desc="detect", unit="image"):
+            timing_lib.synchronize(device)
+            start = time.perf_counter()
+            image = dataset.read_image(index)
+            model_start = time.perf_counter()
+            output = engine.infer(model, [image], device)[0]  # ends with .cpu(): synchronised
+            model_end = time.perf_counter()
+            detections += engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
+            if index >= warmup:
+                model_seconds.append(model_end - model_start)
+                e2e_seconds.append(time.perf_counter() - start)
+    if not model_seconds:
+        raise SpinedetError(f"evaluate.timing.warmup {warmup} leaves none of the {len(dataset)} test images timed")
+    latency = {
+        "model": timing_lib.latency_stats(model_seconds),
+        "end_to_end": timing_lib.latency_stats(e2e_seconds),
+        "images_per_s": len(model_seconds) / sum(model_seconds),
+        "machine_load": load.record,
+    }
+    log.info("batch 1 over %d test images: model median %.4f s (min %.4f), end to end median %.4f s",
+             len(model_seconds), latency["model"]["median"], latency["model"]["min"], latency["end_to_end"]["median"])
+    return detections, latency
 
 
 @torch.inference_mode()
-def measure_timing(model: torch.nn.Module, dataset, device: torch.device, timing_config: dict,
-                   score_threshold: float) -> dict:
-    """Latency per image (batch 1), model only and end-to-end, and throughput at
-    batch 1 and at timing_config['batch_size']; images cycle through the dataset."""
+def batch_throughput(model: torch.nn.Module, dataset, device: torch.device, timing_config: dict) -> dict:
+    """Images per second at timing_config['batch_size'] (slices of the test set in
+    memory), over `iterations` timed batches after `warmup` untimed ones."""
     warmup, iterations = int(timing_config["warmup"]), int(timing_config["iterations"])
     batch_size = int(timing_config["batch_size"])
-    n = len(dataset)
-    on_device = [dataset.read_image(i).to(device) for i in range(min(n, max(batch_size, iterations + warmup)))]
-
+    on_device = [dataset.read_image(i).to(device) for i in range(min(len(dataset), batch_size * (warmup + iterations)))]
     model.eval()
-
-    def model_only(i: int):
-        with engine.precision(device):
-            return model([on_device[i % len(on_device)]])
-
-    def end_to_end(i: int):
-        index = i % n
-        output = engine.infer(model, [dataset.read_image(index)], device)[0]
-        return engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
 
     def batch(i: int):
         start = i * batch_size
         with engine.precision(device):
             return model([on_device[(start + j) % len(on_device)] for j in range(batch_size)])
 
-    log.info("timing: %d warm-up + %d timed calls each, on %s", warmup, iterations, device)
-    model_seconds = timed_calls_logged("model only", model_only, warmup, iterations, device)
-    e2e_seconds = timed_calls_logged("end to end", end_to_end, warmup, iterations, device)
-    batch_seconds = timed_calls_logged(f"batch {batch_size}", batch, warmup, iterations, device)
-    return {
-        "device": device.type,
-        "warmup": warmup,
-        "iterations": iterations,
-        "latency_s": {
-            "model": timing_lib.latency_stats(model_seconds),
-            "end_to_end": timing_lib.latency_stats(e2e_seconds),
-        },
-        "end_to_end_steps": "read PNG, decode to float [1,H,W], copy to device, model, boxes to COCO",
-        "throughput": [
-            {"batch_size": 1, "images_per_s": iterations / sum(model_seconds)},
-            {"batch_size": batch_size, "images_per_s": batch_size * iterations / sum(batch_seconds),
-             "seconds_per_image": sum(batch_seconds) / (batch_size * iterations)},
-        ],
-        **timing_lib.environment(device),
-    }
-
-
-def timed_calls_logged(name: str, step, warmup: int, iterations: int, device: torch.device) -> list[float]:
-    seconds = timing_lib.timed_calls(step, warmup, iterations, device)
-    log.info("%s: median %.4f s", name, sorted(seconds)[len(seconds) // 2])
-    return seconds
+    with timing_lib.MachineLoad() as load:
+        seconds = timing_lib.timed_calls(batch, warmup, iterations, device)
+    log.info("batch %d: median %.4f s per batch", batch_size, sorted(seconds)[len(seconds) // 2])
+    return {"batch_size": batch_size, "images_per_s": batch_size * iterations / sum(seconds),
+            "seconds_per_image": sum(seconds) / (batch_size * iterations),
+            "batch_seconds": timing_lib.latency_stats(seconds), "machine_load": load.record}
 
 
 def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coco: dict,
@@ -121,7 +116,8 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
     engine.set_score_threshold(model, score_threshold)
     dataset = CocoSlices(test_coco, image_root)
 
-    detections = detect(model, dataset, device, score_threshold)
+    timing_config = evaluate_config["timing"]
+    detections, latency = detect(model, dataset, device, score_threshold, int(timing_config["warmup"]))
     log.info("%d detections on %d test images", len(detections), len(dataset))
     metrics = {
         "model": model_name,
@@ -135,7 +131,20 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
         "score_threshold": score_threshold,
         **metrics_lib.evaluate_detections(test_coco, detections, classes, evaluate_config, int(config["seed"])),
     }
-    timing = {"model": model_name, **measure_timing(model, dataset, device, evaluate_config["timing"], score_threshold)}
+    batched = batch_throughput(model, dataset, device, timing_config)
+    timing = {
+        "model": model_name,
+        "device": device.type,
+        "warmup": int(timing_config["warmup"]),
+        "iterations": int(timing_config["iterations"]),
+        "latency_s": {"model": latency["model"], "end_to_end": latency["end_to_end"]},
+        "end_to_end_steps": "read PNG, decode to float [1,H,W], copy to device, model, boxes to COCO",
+        "throughput": [
+            {"batch_size": 1, "images_per_s": latency["images_per_s"], "machine_load": latency["machine_load"]},
+            batched,
+        ],
+        **timing_lib.environment(device),
+    }
     return detections, metrics, timing
 
 

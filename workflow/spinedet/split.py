@@ -1,6 +1,7 @@
 """`spinedet split`: patient-level train/val/test split, stratified by group.
 
-Reads every patient's `coco.json` (from `spinedet slices`) and writes, under
+Reads every patient's `coco.json` under `--slices` (`sub-*/coco.json`, from
+`spinedet slices`) and writes, under
 `--out` (= `results/split`):
 
 - `assignments.csv`: `patient, group, split` (+ `fold` when `split.folds` >= 2),
@@ -37,8 +38,8 @@ Folds (`split.folds` = k >= 2): `StratifiedKFold(k, shuffle, seed)` over the
 train+val patients, stratified by group; test patients stay held out and
 have an empty `fold`.
 
-Same inputs and seed give byte-identical outputs (the order of `--cocos`
-does not matter).
+Same inputs and seed give byte-identical outputs (the order the COCO files
+are read in does not matter).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def write_group_counts(path: Path, patient_groups, assignment, groups: list[str]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
-    parser.add_argument("--cocos", nargs="+", required=True, type=Path, help="per-patient coco.json files")
+    parser.add_argument("--slices", required=True, type=Path,
+                        help="slices root holding sub-<p>/coco.json (results/slices)")
     parser.add_argument("--out", required=True, type=Path, help="split folder, e.g. results/split")
 
 
@@ -268,5 +270,8 @@ def run(args: argparse.Namespace) -> int:
     from spinedet.config import load
 
     config = load(args.config)
-    write_split(args.cocos, args.out, config)
+    cocos = sorted(args.slices.glob("sub-*/coco.json"))
+    if not cocos:
+        raise SpinedetError(f"{args.slices} holds no sub-*/coco.json: run `spinedet slices` first")
+    write_split(cocos, args.out, config)
     return 0

@@ -55,6 +55,50 @@ def latency_stats(seconds: list[float]) -> dict:
     }
 
 
+class MachineLoad:
+    """What else the machine was doing while a block ran: the 1-minute load
+    average before and after (every runnable process, this one included), and
+    this process's CPU seconds against wall seconds."""
+
+    def __enter__(self) -> "MachineLoad":
+        self._load_before = load_average()
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._wall
+        own_cpus = (time.process_time() - self._cpu) / wall if wall > 0 else 0.0
+        load_after = load_average()
+        self.record = {
+            "load_average_1min_before": self._load_before,
+            "load_average_1min_after": load_after,
+            "logical_cpus": os.cpu_count(),
+            "process_cpu_s": round(own_cpus * wall, 3),
+            "wall_s": round(wall, 3),
+            "process_cpus_busy": round(own_cpus, 3),
+            "shared": shared_machine(load_after, own_cpus),
+        }
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on this platform
+        return None
+
+
+def shared_machine(load_after: float | None, own_cpus: float) -> bool | None:
+    """Whether other processes wanted the CPUs while this one was timed: the
+    1-minute load average at the end exceeds the CPUs this process kept busy by
+    more than one. The load average before is recorded but not judged: it still
+    carries the previous job (it decays with a 1-minute time constant). None
+    where the platform has no load average."""
+    if load_after is None:
+        return None
+    return load_after > own_cpus + 1.0
+
+
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
     try:
