@@ -33,7 +33,9 @@ def test_invalid_header_values_are_not_echoed_to_the_log(tmp_path):
     # A separate process, as a rule runs it: pytest's own warning capture
     # would hide the leak.
     run = subprocess.run(
-        [sys.executable, "-m", "spinedet.cli", "inventory", "--config", REPO_CONFIG, "--raw", str(tmp_path / "raw"),
+        [sys.executable, "-m", "spinedet.cli", "inventory", "--config", REPO_CONFIG,
+         '{"inventory": {"orientation": "axial", "description_pattern": ""}}',  # MR_small: a target
+         "--raw", str(tmp_path / "raw"),
          "--cohort", str(tmp_path / "cohort.csv"), "--out", str(tmp_path / "inventory"),
          "--summary", str(tmp_path / "summary.json")],
         capture_output=True, text=True, timeout=120)

@@ -7,6 +7,7 @@ import copy
 import importlib.metadata
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -272,11 +273,11 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
 # --- the same messages from the workflow ---------------------------------------------------
 
 
-def snakemake_dry_run(tmp_path: Path, override: dict) -> subprocess.CompletedProcess:
+def snakemake_dry_run(tmp_path: Path, override: dict, *args: str) -> subprocess.CompletedProcess:
     extra = tmp_path / "override.yaml"
     extra.write_text(yaml.safe_dump(override))
     return subprocess.run(
-        [str(SNAKEMAKE), "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+        [str(SNAKEMAKE), "-n", *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
          "--configfile", str(REPO / "config.yaml"), str(extra)],
         capture_output=True, text=True, timeout=120, check=False,
     )
@@ -299,13 +300,52 @@ def test_snakemake_reports_the_same_one_line_message(tmp_path, override, expecte
     assert "Traceback" not in output
 
 
-def test_snakemake_dry_run_accepts_the_smoke_config(tmp_path):
+def inline_config(command: str) -> dict:
+    """The inline --config mapping of one printed shell command."""
+    return yaml.safe_load(shlex.split(command)[shlex.split(command).index("--config") + 1])
+
+
+def test_each_verb_gets_exactly_its_config_sections_and_parsing_writes_nothing(tmp_path):
     with (REPO / "config" / "smoke.yaml").open() as fh:
-        result = snakemake_dry_run(tmp_path, yaml.safe_load(fh))
+        result = snakemake_dry_run(tmp_path, yaml.safe_load(fh), "-p")
     assert result.returncode == 0, result.stderr
-    effective = yaml.safe_load((tmp_path / "results" / "effective_config.yaml").read_text())
-    assert effective["models"]["resnet50"]["aspect_ratios"] == [[0.5, 1.0, 2.0, 3.0]] * 5
-    assert effective["models"]["resnet50"]["max_iters_per_epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".snakemake", "override.yaml"]
+    commands = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("Shell command: spinedet "):
+            line = line.removeprefix("Shell command: ")
+            words = shlex.split(line)
+            key = words[1] + (f"[{words[words.index('--model') + 1]}]" if "--model" in words else "")
+            commands[key] = inline_config(line)
+    assert {name: sorted(config) for name, config in commands.items()} == {
+        "synthesize": ["classes", "groups"],
+        "inventory": ["groups", "inventory"],
+        "convert": [],
+        "deidentify": ["classes", "deidentify"],
+        "slices": ["classes", "slices"],
+        "split": ["classes", "groups", "seed", "split"],
+        "train[resnet50]": ["classes", "models", "seed", "train"],
+        "train[vgg16]": ["classes", "models", "seed", "train"],
+        "evaluate[resnet50]": ["classes", "evaluate", "models", "seed", "train"],
+        "evaluate[vgg16]": ["classes", "evaluate", "models", "seed", "train"],
+        "report": sorted(set(load([REPO / "config.yaml"])) - {"resources"}),
+    }
+    resnet50 = commands["train[resnet50]"]["models"]
+    assert list(resnet50) == ["resnet50"]  # a change to vgg16's recipe does not rerun it
+    assert resnet50["resnet50"]["aspect_ratios"] == [[0.5, 1.0, 2.0, 3.0]] * 5  # schema-filled
+    assert resnet50["resnet50"]["max_iters_per_epoch"] == 3  # from the smoke override
+
+
+def test_an_inline_config_holds_only_its_sections_defaults_filled(tmp_path):
+    config = load(['{"slices": {"half_width": 1}, "classes": ["a", "b"]}'])
+    assert sorted(config) == ["classes", "slices"]
+    assert config["slices"]["half_width"] == 1 and config["slices"]["mode"] == "mid"  # default filled
+    with pytest.raises(KeyError):
+        config["seed"]  # a section the rule did not pass is not silently defaulted
+    from_file = load([REPO / "config.yaml"])
+    assert "seed" in from_file and "resources" in from_file  # a file: the whole study config
+    with pytest.raises(SpinedetError, match="inline config is not valid YAML/JSON"):
+        load(['{"slices": [}'])
 
 
 # --- conda environments --------------------------------------------------------------------
@@ -399,7 +439,7 @@ def test_the_demo_passes_its_export_key_to_deidentify_and_real_data_does_not(tmp
         extra.write_text(yaml.safe_dump(override))
         result = subprocess.run(
             [str(SNAKEMAKE), "-n", "-p", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-             "--configfile", str(REPO / "config.yaml"), str(extra), "--", "results/deid/participants.csv"],
+             "--configfile", str(REPO / "config.yaml"), str(extra), "--", "results/deid"],
             capture_output=True, text=True, timeout=120, check=False,
         )
         assert result.returncode == 0, result.stderr

@@ -120,3 +120,32 @@ def test_missing_inputs_are_clear_errors(tmp_path, missing):
     config = Path(__file__).resolve().parents[1] / "config.yaml"
     assert main(["convert", "--config", str(config), "--series", str(tmp_path / "series.csv"),
                  "--selection", str(tmp_path / "selection.csv"), "--out", str(tmp_path / "c")]) == 2
+
+
+def test_a_series_that_fails_conversion_falls_back_to_the_next_candidate(tmp_path):
+    bad_uid, bad = write_named_series(tmp_path / "p1" / "a", "P1", 4, iops=[SAGITTAL, AXIAL, AXIAL, SAGITTAL])
+    good_uid, good = write_named_series(tmp_path / "p1" / "b", "P1", 3)
+    series = [series_row(bad_uid, bad), series_row(good_uid, good)]
+    selection = [{"row": "1", "patient_id": "P1", "series_uid": bad_uid, "status": "selected",
+                  "fallbacks": good_uid}]
+    conversions = convert_all(series, selection, tmp_path / "convert")
+    assert [(c["series_uid"], c["status"]) for c in conversions] == [(good_uid, "converted")]
+    assert conversions[0]["message"].startswith("converted fallback 1 of the inventory's ranking after selected series:")
+    assert "split" in conversions[0]["message"]
+    assert nib.load(conversions[0]["nifti"]).shape[0] == 3
+
+    only_bad = [{**selection[0], "fallbacks": ""}]
+    conversions = convert_all(series, only_bad, tmp_path / "convert2")
+    assert conversions[0]["status"] == "quarantined" and conversions[0]["series_uid"] == bad_uid
+
+
+def test_a_missing_slice_is_named_in_the_conversion_message(tmp_path):
+    uid = generate_uid()
+    paths = [tmp_path / "raw" / f"IM{i}" for i in range(6)]
+    for instance, (path, position) in enumerate(zip(paths, [1, 2, 3, 5, 6, 7]), start=1):  # slice 4 missing
+        write_mr(path, "P1", uid, instance, position=position)
+    row = {**series_row(uid, paths), "missing_slices": 1}
+    conversions = convert_all([row], [{"row": "1", "patient_id": "P1", "series_uid": uid, "status": "selected"}],
+                              tmp_path / "convert")
+    assert conversions[0]["status"] == "quarantined"
+    assert conversions[0]["message"].startswith("1 slice(s) missing from the series (a gap in slice positions")

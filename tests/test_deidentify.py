@@ -20,6 +20,7 @@ from spinedet.config import load
 from spinedet.convert import convert_all
 from spinedet.deidentify import (
     SIDECAR_ALLOWLIST,
+    bids_suffix,
     deidentify,
     load_or_create_key,
     pseudonym,
@@ -135,6 +136,16 @@ def test_subject_paths_accept_only_alphanumeric_pseudonyms(tmp_path, bad):
     with pytest.raises(ValueError):
         subject_paths(tmp_path, bad)
     assert subject_paths(tmp_path, "ab12")["nifti"] == tmp_path / "sub-ab12" / "anat" / "sub-ab12_T2w.nii.gz"
+
+
+@pytest.mark.parametrize(("description", "suffix"), [
+    ("T2_TSE_SAG", "T2w"), ("STIR_SAG", "STIR"), ("t2 stir sag", "STIR"), ("T1_TSE_SAG", "T1w"),
+    ("sag PD", "MR"), ("", "MR"),
+])
+def test_volumes_are_named_by_the_selected_sequence(tmp_path, description, suffix):
+    assert bids_suffix(description) == suffix
+    paths = subject_paths(tmp_path, "ab12", bids_suffix(description))
+    assert paths["nifti"].name == f"sub-ab12_{suffix}.nii.gz" and paths["sidecar"].name == f"sub-ab12_{suffix}.json"
 
 
 # --------------------------------------------------------------------------

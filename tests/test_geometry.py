@@ -144,14 +144,25 @@ def test_voxel_to_pixel_inverts_pixel_to_voxel():
                                atol=1e-9)
 
 
-def test_box_off_the_voxel_grid_is_an_error():
+def test_a_box_between_two_slices_is_an_error():
     affine = dcm2niix_like_affine([0, 0, 0], SAGITTAL, (1.0, 1.0), 3.0, 32)
-    half_pixel_shift = [0, 0.5, 0]
-    with pytest.raises(GeometryError, match="off the voxel grid"):
-        pixel_box_to_voxel_box((2, 2, 6, 6), half_pixel_shift, SAGITTAL, (1.0, 1.0), affine)
     between_slices = [-1.5, 0, 0]
-    with pytest.raises(GeometryError, match="off the voxel grid"):
+    with pytest.raises(GeometryError, match="the slice is 0.50 voxel off the voxel grid"):
         pixel_box_to_voxel_box((2, 2, 6, 6), between_slices, SAGITTAL, (1.0, 1.0), affine)
+
+
+def test_decimal_pixel_edges_map_exactly_as_continuous_coordinates():
+    rows, spacing = 32, (0.5, 0.8)
+    affine = dcm2niix_like_affine([0, 0, 0], SAGITTAL, spacing, 3.0, rows)
+    box = pixel_box_to_voxel_box((30.47, 2.25, 31.5, 6), [0, 0, 0], SAGITTAL, spacing, affine, shape=(40, rows, 5))
+    # columns keep their decimals; rows flip (rows - edge) and keep theirs
+    assert box.min == (30.47, rows - 6) and box.max == (31.5, rows - 2.25)
+    assert isinstance(box.min[1], int)  # a whole-voxel edge stays an int
+    whole = pixel_box_to_voxel_box((30, 2, 31, 6), [0, 0, 0], SAGITTAL, spacing, affine)
+    assert whole.min == (30, rows - 6) and all(isinstance(v, int) for v in whole.min + whole.max)
+    # an instance half a pixel off the volume's in-plane grid maps half a voxel over, exactly
+    shifted = pixel_box_to_voxel_box((2, 2, 6, 6), [0, 0.5 * spacing[1], 0], SAGITTAL, spacing, affine)
+    assert shifted.min == (2.5, rows - 6) and shifted.max == (6.5, rows - 2)
 
 
 def test_image_plane_that_is_not_a_volume_plane_is_an_error():

@@ -1,6 +1,7 @@
 """spinedet inventory: every file accounted for, one target series per cohort patient."""
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ def config():
 
 
 def write_mr(path, patient_id, series_uid, instance, *, iop=SAGITTAL, description="T2 SAG",
-             series_number=3, study_uid="1.2.3.4.5", sop_uid=None):
+             series_number=3, study_uid="1.2.3.4.5", sop_uid=None, position=None):
     """A small MR image (pydicom's MR_small with new identity and geometry)."""
     dataset = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     dataset.PatientID = patient_id
@@ -41,7 +42,7 @@ def write_mr(path, patient_id, series_uid, instance, *, iop=SAGITTAL, descriptio
     dataset.SeriesNumber = series_number
     dataset.InstanceNumber = instance
     dataset.ImageOrientationPatient = iop
-    dataset.ImagePositionPatient = [float(instance) * 3, 0.0, 0.0]
+    dataset.ImagePositionPatient = [float(instance if position is None else position) * 3, 0.0, 0.0]
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(path, enforce_file_format=True)
     return dataset
@@ -147,7 +148,7 @@ def test_series_orientation_and_target_selection(export, config):
 
     status = {row["patient_id"]: row for row in selection}
     assert [row["patient_id"] for row in selection] == ["PAT1", "PAT2", "PAT3", "PAT4", "PAT5"]
-    # STIR has more slices but is excluded; T1 does not match; the localizer is mixed.
+    # STIR has more slices but T2 is preferred; T1 does not match; the localizer is mixed.
     assert status["PAT1"]["series_uid"] == uids["t2"] and status["PAT1"]["status"] == "selected"
     assert status["PAT2"]["series_uid"] == uids["tie_b"]  # equal slices: lower series number wins
     assert status["PAT3"]["status"] == "no_target_series" and "axial" in status["PAT3"]["reason"]
@@ -181,6 +182,21 @@ def test_tie_break_is_independent_of_file_order():
         assert chosen[0]["series_uid"] == "1.5"
     same_number = [s for s in series if s["series_number"] == "4"]
     assert select_series(same_number, [], {"P": "disc"}, RULES)[0]["series_uid"] == "1.1"
+
+
+def test_default_rules_select_stir_when_there_is_no_t2_and_prefer_t2_when_there_is(config):
+    rules = config["inventory"]
+
+    def sagittal(uid, description, n_slices):
+        return {"patient_id": "P", "series_uid": uid, "series_number": uid, "orientation": "sagittal",
+                "description": description, "n_slices": n_slices, "selected": False}
+
+    stir_only = select_series([sagittal("7", "STIR_SAG", 15), sagittal("8", "LOCALIZER", 3)], [], {"P": "disc"}, rules)
+    assert stir_only[0]["status"] == "selected" and stir_only[0]["series_uid"] == "7"
+    both = select_series([sagittal("7", "STIR_SAG", 20), sagittal("9", "T2_TSE_SAG", 15)], [], {"P": "disc"}, rules)
+    assert both[0]["series_uid"] == "9"  # T2 before STIR, though STIR has more slices
+    scout = select_series([sagittal("3", "SCOUT T2", 30), sagittal("4", "t2 sag", 12)], [], {"P": "disc"}, rules)
+    assert scout[0]["series_uid"] == "4"
 
 
 def test_rules_come_from_the_config():
@@ -263,3 +279,129 @@ def test_cohort_errors_name_the_line_not_the_patient(tmp_path):
 def test_missing_raw_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SpinedetError, match="raw export folder not found"):
         list_files(tmp_path / "nowhere")
+
+
+def run_inventory(tmp_path, raw, cohort_text: str) -> int:
+    from spinedet.cli import main
+
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(cohort_text)
+    return main(["inventory", "--config", str(REPO / "config.yaml"), "--raw", str(raw), "--cohort", str(cohort),
+                 "--out", str(tmp_path / "inventory"), "--summary", str(tmp_path / "summary.json")])
+
+
+@pytest.mark.parametrize(
+    ("fill", "expected"),
+    [
+        (lambda raw: None, "0 of 2 cohort patients have a target series: the raw export (config `raw`) holds no file"),
+        (lambda raw: (raw / "notes.txt").write_text("not DICOM"),
+         "0 of 2 cohort patients have a target series: all 1 files were quarantined ({'not_dicom': 1})"),
+        (lambda raw: write_series(raw / "a", "SECRET1", 3, iop=AXIAL),
+         "0 of 2 cohort patients have a target series: 1 have series but none meets the inventory rules "
+         "(series by orientation: {'axial': 1}), 1 have no usable file"),
+    ],
+)
+def test_an_export_with_no_target_series_stops_at_inventory_saying_why(tmp_path, caplog, fill, expected):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    fill(raw)
+    assert run_inventory(tmp_path, raw, "patient_id,group\nSECRET1,disc\nSECRET2,normal\n") == 2
+    assert expected in caplog.text
+    assert "Nothing to convert" in caplog.text and "SECRET" not in caplog.text
+    assert (tmp_path / "inventory" / "selection.csv").is_file()  # written before stopping
+
+
+def test_an_export_of_linked_folders_is_read_through_the_links(tmp_path, config):
+    real = tmp_path / "storage"
+    write_series(real, "PAT1", 3)
+    write_series(real, "PAT2", 2)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for patient in ("pat1", "pat2"):
+        (raw / patient).symlink_to(real / patient, target_is_directory=True)
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,group\nPAT1,disc\nPAT2,normal\n")
+    files, _series, selection, summary = inventory(raw, cohort, config)
+    assert summary["files_in"] == summary["ok"] == 5
+    assert [row["status"] for row in selection] == ["selected", "selected"]
+
+
+def test_broken_links_and_link_loops_get_a_row_and_nothing_is_read_twice(tmp_path, config):
+    raw = tmp_path / "raw"
+    write_series(raw, "PAT1", 2)
+    (raw / "gone.dcm").symlink_to(tmp_path / "no_such_file")
+    (raw / "pat1" / "back_up").symlink_to(raw, target_is_directory=True)  # a loop
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,group\nPAT1,disc\n")
+    files, _series, _selection, summary = inventory(raw, cohort, config)
+    by_reason = {row["reason"]: row for row in files if row["status"] == "quarantined"}
+    assert set(by_reason) == {"broken_link", "link_loop"}
+    assert by_reason["broken_link"]["path"].endswith("gone.dcm")
+    assert "restore the target or remove the link" in by_reason["broken_link"]["detail"]
+    assert by_reason["link_loop"]["path"].endswith("pat1/back_up")
+    assert summary["files_in"] == 4 and summary["ok"] == 2  # files in = ok + quarantined
+
+
+def test_a_folder_that_cannot_be_listed_gets_a_row_that_says_fix_its_permissions(tmp_path, config, monkeypatch):
+    raw = tmp_path / "raw"
+    write_series(raw, "PAT1", 2)
+    locked = raw / "locked"
+    write_series(locked, "PAT2", 2)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as for a non-root user after chmod 000 (root can list anything)
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,group\nPAT1,disc\nPAT2,disc\n")
+    files, _series, selection, summary = inventory(raw, cohort, config)
+    locked_rows = [row for row in files if row["reason"] == "unreadable_folder"]
+    assert len(locked_rows) == 1 and locked_rows[0]["path"] == locked.as_posix()
+    assert "Permission denied" in locked_rows[0]["detail"] and "fix its permissions" in locked_rows[0]["detail"]
+    assert "re-export" not in locked_rows[0]["detail"]
+    assert summary["quarantined_by_reason"] == {"unreadable_folder": 1}
+    assert [row["status"] for row in selection] == ["selected", "no_files"]
+
+
+
+def write_cohort(tmp_path):
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,group\nPAT1,disc\n")
+    return cohort
+
+
+def test_a_missing_slice_is_found_and_a_complete_series_preferred(tmp_path, config):
+    raw = tmp_path / "raw"
+    gapped = write_series(raw, "PAT1", 8, series_number=3, description="T2 SAG")
+    (raw / "pat1" / gapped[-6:] / "IM0004").unlink()  # position 5 of 1..8
+    complete = write_series(raw, "PAT1", 6, series_number=4, description="T2 SAG repeat")
+    cohort = write_cohort(tmp_path)
+    _files, series, selection, _summary = inventory(raw, cohort, config)
+    by_uid = {s["series_uid"]: s for s in series}
+    assert (by_uid[gapped]["positions"], by_uid[gapped]["missing_slices"]) == (7, 1)
+    assert (by_uid[complete]["positions"], by_uid[complete]["missing_slices"]) == (6, 0)
+    assert selection[0]["series_uid"] == complete  # though the gapped one has more images
+
+    alone = tmp_path / "alone"
+    gapped = write_series(alone, "PAT1", 8)
+    (alone / "pat1" / gapped[-6:] / "IM0004").unlink()
+    _files, _series, selection, _summary = inventory(alone, cohort, config)
+    assert selection[0]["series_uid"] == gapped
+    assert "1 slice(s) missing (a gap in slice positions): re-export the complete series" in selection[0]["reason"]
+
+
+def test_a_4d_series_with_more_images_loses_to_a_3d_one(tmp_path, config):
+    raw = tmp_path / "raw"
+    uid = generate_uid()
+    for volume in range(4):  # 4 volumes x 5 positions, as a diffusion series
+        for position in range(5):
+            write_mr(raw / "dwi" / f"IM{volume}{position}", "PAT1", uid, volume * 5 + position + 1,
+                     description="T2 DWI SAG", position=position + 1)
+    anatomical = write_series(raw, "PAT1", 12, series_number=5)
+    _files, series, selection, _summary = inventory(raw, write_cohort(tmp_path), config)
+    dwi = next(s for s in series if s["series_uid"] == uid)
+    assert (dwi["n_slices"], dwi["positions"], dwi["missing_slices"]) == (20, 5, 0)
+    assert selection[0]["series_uid"] == anatomical

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -171,6 +172,53 @@ def test_input_that_is_neither_dicom_nor_nifti(tmp_path):
         predict(CONFIG, None, tmp_path / "empty", tmp_path / "out", model=ReplayModel({}), meta=META)
     with pytest.raises(SpinedetError, match="not a DICOM folder nor"):
         predict(CONFIG, None, tmp_path / "missing.nii.gz", tmp_path / "out", model=ReplayModel({}), meta=META)
+
+
+def write_volume(path: Path, voxel_sizes, slice_world_axis: int, shape=(20, 24, 6)) -> Path:
+    """A NIfTI whose third voxel axis (the slices) runs along world axis `slice_world_axis` (RAS)."""
+    import nibabel as nib
+
+    in_plane = [axis for axis in range(3) if axis != slice_world_axis]
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1
+    for voxel_axis, world_axis in enumerate([*in_plane, slice_world_axis]):
+        affine[world_axis, voxel_axis] = voxel_sizes[voxel_axis]
+    data = np.random.default_rng(0).random(shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_acquisition_plane_from_the_thickest_voxel_axis(tmp_path):
+    from spinedet.predict import acquisition_plane
+
+    axial = np.diag([0.7, 0.7, 7.5, 1.0])
+    assert acquisition_plane(axial) == ("axial", [0.7, 0.7, 7.5])
+    sagittal = np.zeros((4, 4))
+    sagittal[[1, 2, 0, 3], [0, 1, 2, 3]] = [0.6, 0.6, 3.5, 1]  # slices along L-R
+    assert acquisition_plane(sagittal)[0] == "sagittal"
+    assert acquisition_plane(np.diag([1.0, 1.0, 1.2, 1.0]))[0] == "isotropic"
+
+
+def test_an_axial_nifti_is_refused_naming_plane_and_voxels_unless_allowed(tmp_path, caplog):
+    axial = write_volume(tmp_path / "axial.nii.gz", (0.7, 0.7, 7.5), slice_world_axis=2)
+    with pytest.raises(SpinedetError, match=r"acquired axial \(voxels 0.70 x 0.70 x 7.50 mm\).*--allow-non-sagittal"):
+        predict(CONFIG, None, axial, tmp_path / "out", model=ReplayModel({}), meta=META)
+    result = predict(CONFIG, None, axial, tmp_path / "out", model=ReplayModel({}), meta=META,
+                     allow_non_sagittal=True)
+    assert result["input"]["kind"] == "nifti"
+    assert "--allow-non-sagittal: running anyway" in caplog.text
+
+
+def test_far_pixel_spacing_is_warned(tmp_path, caplog):
+    sagittal = write_volume(tmp_path / "sag.nii.gz", (0.5, 0.5, 3.0), slice_world_axis=0)
+    predict(CONFIG, None, sagittal, tmp_path / "out", model=ReplayModel({}),
+            meta={**META, "pixel_spacing_mm": [1.0, 1.0]})
+    assert "pixels are 0.50 x 0.50 mm, the model was trained on 1.00 x 1.00 mm" in caplog.text
+
+
+def test_a_folder_of_several_patients_is_refused(smoke_export, tmp_path):
+    with pytest.raises(SpinedetError, match=r"holds images of \d+ patients: point --input at one"):
+        predict(CONFIG, None, smoke_export / "DICOM", tmp_path / "out", model=ReplayModel({}), meta=META)
 
 
 def test_output_inside_results_is_refused(lesion_study, tmp_path):

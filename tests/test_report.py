@@ -145,10 +145,26 @@ def config_file(tmp_path: Path, demo: bool = True) -> Path:
     return override
 
 
+def inputs_under(results: Path, models: list[str] = MODELS) -> report.ReportInputs:
+    """The report's inputs in the workflow's layout (workflow/rules/report.smk)."""
+    return report.ReportInputs(
+        [report.ModelFiles(m, results / "eval" / m / "metrics.json", results / "eval" / m / "timing.json",
+                           results / "eval" / m / "detections.json", results / "models" / m / "train_log.csv")
+         for m in models],
+        results / "split" / "test.json", results / "split" / "group_counts.csv",
+        results / "inventory" / "summary.json", results / "deid" / "annotation_issues.csv", results / "slices")
+
+
 def make_report(tmp_path: Path, results: Path, out: Path, demo: bool = True) -> int:
+    inputs = inputs_under(results)
     return cli.main(["report", "--config", str(REPO / "config.yaml"), str(config_file(tmp_path, demo)),
-                     "--models", *MODELS, "--results", str(results), "--images", str(results / "slices"),
-                     "--out", str(out)])
+                     "--models", *MODELS, "--metrics", *(str(m.metrics) for m in inputs.models),
+                     "--timing", *(str(m.timing) for m in inputs.models),
+                     "--detections", *(str(m.detections) for m in inputs.models),
+                     "--train-logs", *(str(m.train_log) for m in inputs.models),
+                     "--test", str(inputs.test), "--group-counts", str(inputs.group_counts),
+                     "--inventory", str(inputs.inventory), "--issues", str(inputs.issues),
+                     "--images", str(inputs.images), "--out", str(out)])
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +202,7 @@ def test_report_has_both_models_paper_rows_and_banner(rendered):
     assert inventory["duplicate SOPInstanceUID"] == "4"
     issues = {r[0].strip(): r[1].strip() for r in page.table_rows["annotation-issues"][1:]}
     assert issues == {"box outside image": "2", "unknown instance": "1"}
-    manifest = re.search(r"config sha256</dt><dd>([0-9a-f]{64})</dd>", html)
+    manifest = re.search(r"config sha256</dt><dd>([0-9a-f]{64}) \(config.yaml beside this report\)</dd>", html)
     assert manifest and "seed</dt><dd>20200901" in html
     assert "Test CPU 3000" in html
 
@@ -309,7 +325,7 @@ def test_missing_input_is_named(tmp_path):
     (results / "eval" / "vgg16" / "timing.json").unlink()
     config = load([REPO / "config.yaml"])
     with pytest.raises(SpinedetError, match="vgg16/timing.json"):
-        report.build_report(config, MODELS, results, results / "slices", tmp_path / "out")
+        report.build_report(config, inputs_under(results), tmp_path / "out")
 
 
 def test_model_names_are_escaped(tmp_path):
@@ -318,16 +334,20 @@ def test_model_names_are_escaped(tmp_path):
     config = load([REPO / "config.yaml"])
     shutil.copytree(results / "eval" / "vgg16", results / "eval" / "<b>x")
     shutil.copytree(results / "models" / "vgg16", results / "models" / "<b>x")
-    report.build_report(config, ["resnet50", "<b>x"], results, results / "slices", tmp_path / "out")
+    report.build_report(config, inputs_under(results, ["resnet50", "<b>x"]), tmp_path / "out")
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<b>x" not in html and "&lt;b&gt;x" in html
 
 
-def test_config_hash_is_that_of_the_effective_config_file(tmp_path):
+def test_config_hash_is_that_of_the_config_file_beside_the_report(tmp_path):
     config = load([REPO / "config.yaml"])
-    effective = tmp_path / "effective_config.yaml"
-    effective.write_text(yaml.safe_dump(config, sort_keys=True))  # as workflow/rules/common.smk writes it
-    assert report.config_sha256(config) == hashlib.sha256(effective.read_bytes()).hexdigest()
+    results = tmp_path / "results"
+    write_results(results)
+    report.build_report(config, inputs_under(results), tmp_path / "out")
+    written = (tmp_path / "out" / "config.yaml").read_bytes()
+    assert yaml.safe_load(written) == config
+    assert report.config_sha256(config) == hashlib.sha256(written).hexdigest()
+    assert report.config_sha256(config) in (tmp_path / "out" / "report.md").read_text()
     changed = copy.deepcopy(config)
     changed["seed"] += 1
     assert report.config_sha256(changed) != report.config_sha256(config)
@@ -366,7 +386,7 @@ def test_headless_browser_renders_the_comparison_rows(rendered, tmp_path):
 def test_timing_shows_the_minimum_and_marks_a_timing_taken_on_a_shared_machine(tmp_path):
     results = tmp_path / "results"
     write_results(results)
-    report.build_report(load([REPO / "config.yaml"]), MODELS, results, results / "slices", tmp_path / "out")
+    report.build_report(load([REPO / "config.yaml"]), inputs_under(results), tmp_path / "out")
     markdown = (tmp_path / "out" / "report.md").read_text()
     table_1 = markdown[markdown.index("## 1."):markdown.index("\n\n", markdown.index("|---"))]
     rows = {line.split("|")[1].strip(): line for line in table_1.splitlines() if line.startswith("| ")}
@@ -376,3 +396,19 @@ def test_timing_shows_the_minimum_and_marks_a_timing_taken_on_a_shared_machine(t
     assert "1-minute load average 2.1 before, 3.9 after" in markdown
     html = (tmp_path / "out" / "report.html").read_text()
     assert "shared with other work ‡" in html
+
+
+def test_cli_refuses_per_model_files_that_do_not_match_the_models(tmp_path, caplog):
+    results = tmp_path / "results"
+    write_results(results)
+    inputs = inputs_under(results)
+    code = cli.main(["report", "--config", str(REPO / "config.yaml"), "--models", *MODELS,
+                     "--metrics", str(inputs.models[0].metrics),
+                     "--timing", *(str(m.timing) for m in inputs.models),
+                     "--detections", *(str(m.detections) for m in inputs.models),
+                     "--train-logs", *(str(m.train_log) for m in inputs.models),
+                     "--test", str(inputs.test), "--group-counts", str(inputs.group_counts),
+                     "--inventory", str(inputs.inventory), "--issues", str(inputs.issues),
+                     "--images", str(inputs.images), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--metrics: 1 files for 2 models (resnet50 vgg16)" in caplog.text

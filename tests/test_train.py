@@ -329,7 +329,9 @@ def test_resume_after_sigterm(blobs, tmp_path, monkeypatch, caplog):
     assert all(0.0 <= float(row["val_ap50"]) <= 1.0 for row in rows)
     assert torch.load(out / "state" / "checkpoint.pt", weights_only=False)["epoch"] == 3
     best = torch.load(out / "best.pt", weights_only=True)
-    assert set(best) == {"model", "model_name", "model_config", "classes", "image_size", "epoch", "val_ap50"}
+    assert set(best) == {"model", "model_name", "model_config", "classes", "image_size", "pixel_spacing_mm", "epoch",
+                         "val_ap50"}
+    assert best["pixel_spacing_mm"] is None or len(best["pixel_spacing_mm"]) == 2  # median (row, column) mm
     assert best["image_size"] == 128 and best["classes"] == CLASSES and best["model_name"] == "resnet50"
     assert best["model_config"]["norm"] == "gn"  # the resolved default travels with the weights
     assert best["val_ap50"] == max(float(row["val_ap50"]) for row in rows)

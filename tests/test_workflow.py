@@ -5,6 +5,7 @@ browser shows the comparison, and a rerun changes nothing."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,79 @@ def test_rerun_has_nothing_to_do(smoke_study):
     run = snakemake(smoke_study, "--dry-run")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def jobs_to_run(run: subprocess.CompletedProcess) -> dict[str, int]:
+    """rule -> job count from a dry run's "Job stats" table."""
+    lines = (run.stdout + run.stderr).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split() == ["job", "count"])
+    counts = {}
+    for line in lines[start + 2:]:
+        words = line.split()
+        if len(words) != 2 or words[0] in ("total", "all"):
+            break
+        counts[words[0]] = int(words[1])
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"evaluate": {"bootstrap": 51}}, {"evaluate": 2, "report": 1}),
+        ({"models": {"vgg16": {"lr": 0.004}}}, {"train": 1, "evaluate": 1, "report": 1}),
+        ({"slices": {"min_box_px": 3}}, {"slices": 1, "split": 1, "train": 2, "evaluate": 2, "report": 1}),
+        ({"seed": 5}, {"split": 1, "train": 2, "evaluate": 2, "report": 1}),
+        ({"resources": {"evaluate": {"mem_mb": 9000}}}, {}),
+    ],
+)
+def test_a_config_change_reruns_exactly_the_rules_that_read_it(smoke_study, tmp_path, override, expected):
+    """Snakemake 9's params trigger on each rule's inline config (no hand-kept list)."""
+    extra = tmp_path / "override.yaml"
+    extra.write_text(yaml.safe_dump(override))
+    run = snakemake(smoke_study, "--dry-run", "--configfile", str(REPO / "config.yaml"),
+                    str(REPO / "config" / "smoke.yaml"), str(smoke_study / "paths.yaml"), str(extra))
+    assert run.returncode == 0, run.stderr[-3000:]
+    if not expected:
+        assert "Nothing to be done" in run.stdout + run.stderr
+    else:
+        assert jobs_to_run(run) == expected
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_every_fault_of_the_corpus_ends_where_it_should(smoke_study):
+    """The smoke export carries the fault corpus (config/smoke.yaml demo.faults):
+    each case is quarantined with its reason, or processed where it can be."""
+    from spinedet.demo.faults import read_faults
+
+    faults = read_faults(smoke_study / "export")
+    assert {f["kind"] for f in faults} == {"file", "patient", "annotation"} and len(faults) >= 30
+    raw = smoke_study / "export" / "DICOM"
+    restricted = smoke_study / "restricted"
+    files = {row["path"]: row for row in read_rows(restricted / "inventory" / "files.csv")}
+    selection = {row["patient_id"]: row for row in read_rows(restricted / "inventory" / "selection.csv")}
+    conversions = {row["patient_id"]: row for row in read_rows(restricted / "convert" / "conversions.csv")}
+    issues = {row["row"]: row for row in read_rows(smoke_study / "results" / "deid" / "annotation_issues.csv")}
+    wrong = []
+    for fault in faults:
+        expected = (fault["expect_status"], fault["expect_reason"])
+        if fault["kind"] == "file":
+            row = files.get((raw / fault["where"]).as_posix(), {})
+            found = (row.get("status"), row.get("reason"))
+        elif fault["kind"] == "annotation":
+            found = ("issue", issues.get(fault["where"], {}).get("reason"))
+        else:
+            row = selection.get(fault["where"], {})
+            found = (row.get("status"), fault["expect_reason"] if fault["expect_reason"] in row.get("reason", "")
+                     else row.get("reason"))
+            if fault["expect_conversion"]:
+                expected += (fault["expect_conversion"],)
+                found += (conversions.get(fault["where"], {}).get("status"),)
+        if found != expected:
+            wrong.append(f"{fault['fault']}: expected {expected}, found {found}")
+    assert wrong == []
+    summary = json.loads((smoke_study / "results" / "inventory" / "summary.json").read_text())
+    assert summary["files_in"] == summary["ok"] + summary["quarantined"] == len(files)

@@ -1,6 +1,5 @@
+import json
 from pathlib import Path
-
-import yaml
 
 RESULTS = config["results"]
 RESTRICTED = config["restricted"]
@@ -8,15 +7,18 @@ MODELS = list(config["models"])
 LOGS = "logs"
 BENCH = "benchmarks/rules"
 
-# The verbs read the merged, validated config from one file. It is rewritten
-# only when its content changes; each rule's `settings` param holds the part
-# of the config it depends on, so a change reruns just those rules.
-EFFECTIVE_CONFIG = f"{RESULTS}/effective_config.yaml"
-_effective = yaml.safe_dump(config, sort_keys=True)
-_effective_path = Path(EFFECTIVE_CONFIG)
-if not _effective_path.exists() or _effective_path.read_text() != _effective:
-    _effective_path.parent.mkdir(parents=True, exist_ok=True)
-    _effective_path.write_text(_effective)
+
+
+def verb_config(*sections, models=None):
+    """The config sections a verb reads, as one inline JSON argument (see
+    spinedet.config.load). It is a param of the rule, so Snakemake's params
+    trigger reruns exactly the rules whose sections changed, and nothing is
+    written at parse time. `models`: only these entries of `models:`."""
+    chosen = {section: config[section] for section in sections}
+    if models is not None:
+        chosen["models"] = {name: config["models"][name] for name in models}
+    return json.dumps(chosen, sort_keys=True)
+
 
 # The pseudonym key: the configured file; with the demo, the synthetic export's
 # own key (derived from demo.seed, so a fresh clone gets the same pseudonyms and

@@ -12,9 +12,8 @@ rule evaluate:
     benchmark:
         f"{BENCH}/evaluate/{{model}}.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings={"evaluate": config["evaluate"], "train": config["train"], "seed": config["seed"]},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=lambda wildcards: verb_config("evaluate", "train", "seed", "classes", models=[wildcards.model]),
         out=lambda wildcards, output: Path(output.metrics).parent,
     conda:
         "../../envs/train.yaml"
@@ -25,6 +24,6 @@ rule evaluate:
         mem_mb=config["resources"]["evaluate"]["mem_mb"],
         runtime=config["resources"]["evaluate"]["runtime"],
     shell:
-        "spinedet evaluate --config {params.config} --model {wildcards.model}"
+        "spinedet evaluate --config {params.config:q} --model {wildcards.model}"
         " --weights {input.best} --test {input.test} --images {input.images}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -16,14 +16,13 @@ rule inventory:
     benchmark:
         f"{BENCH}/inventory.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings={"inventory": config["inventory"], "groups": config["groups"]},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config("inventory", "groups"),
         out=lambda wildcards, output: Path(output.files).parent,
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "spinedet inventory --config {params.config} --raw {input.raw}"
+        "spinedet inventory --config {params.config:q} --raw {input.raw}"
         " --cohort {input.cohort} --out {params.out}"
         " --summary {output.summary} > {log} 2>&1"
 
@@ -39,12 +38,13 @@ rule convert:
     benchmark:
         f"{BENCH}/convert.tsv"
     params:
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config(),
         out=lambda wildcards, output: Path(output.conversions).parent,
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "spinedet convert --config {params.config} --series {input.series}"
+        "spinedet convert --config {params.config:q} --series {input.series}"
         " --selection {input.selection} --out {params.out} > {log} 2>&1"
 
 
@@ -56,23 +56,25 @@ rule deidentify:
         annotations=config["annotations"],
         key=lambda wildcards: PSEUDONYM_KEY or [],
     output:
-        participants=f"{RESULTS}/deid/participants.csv",
-        issues=f"{RESULTS}/deid/annotation_issues.csv",
+        # participants.csv, annotation_issues.csv and sub-<p>/ (volume, sidecar, boxes)
+        deid=directory(f"{RESULTS}/deid"),
+        pseudonyms=f"{RESTRICTED}/pseudonyms.csv",
+        # Not an output: restricted/pseudonym.key, made once for real data without
+        # deidentify.key_file. Snakemake deletes outputs before a rerun, and with the
+        # key every pseudonym would change.
     log:
         f"{LOGS}/deidentify.log",
     benchmark:
         f"{BENCH}/deidentify.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings={"deidentify": config["deidentify"], "classes": config["classes"]},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config("deidentify", "classes"),
         restricted=lambda wildcards: RESTRICTED,
         key=lambda wildcards, input: f"--key-file {input.key}" if input.key else "",
-        out=lambda wildcards, output: Path(output.participants).parent,
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "spinedet deidentify --config {params.config}"
+        "spinedet deidentify --config {params.config:q}"
         " --conversions {input.conversions} --files {input.files}"
         " --selection {input.selection} --annotations {input.annotations}"
-        " --restricted {params.restricted} {params.key} --out {params.out} > {log} 2>&1"
+        " --restricted {params.restricted} {params.key} --out {output.deid} > {log} 2>&1"

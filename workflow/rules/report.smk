@@ -8,7 +8,7 @@ rule report:
         group_counts=rules.split.output.group_counts,
         test=rules.split.output.test,
         inventory=rules.inventory.output.summary,
-        issues=f"{RESULTS}/deid/annotation_issues.csv",
+        deid=rules.deidentify.output.deid,
     output:
         html=report(
             f"{RESULTS}/report/report.html",
@@ -21,16 +21,15 @@ rule report:
             caption="../report/summary.rst",
             category="Report",
         ),
+        config=f"{RESULTS}/report/config.yaml",
     log:
         f"{LOGS}/report.log",
     benchmark:
         f"{BENCH}/report.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings={key: value for key, value in config.items() if key != "resources"},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config(*(section for section in config if section != "resources")),
         models=MODELS,
-        results=lambda wildcards: RESULTS,
         out=lambda wildcards, output: Path(output.html).parent,
     conda:
         "../../envs/report.yaml"
@@ -38,5 +37,8 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "spinedet report --config {params.config} --models {params.models}"
-        " --results {params.results} --images {input.images} --out {params.out} > {log} 2>&1"
+        "spinedet report --config {params.config:q} --models {params.models}"
+        " --metrics {input.metrics} --timing {input.timing} --detections {input.detections}"
+        " --train-logs {input.train_logs} --test {input.test} --group-counts {input.group_counts}"
+        " --inventory {input.inventory} --issues {input.deid}/annotation_issues.csv --images {input.images}"
+        " --out {params.out} > {log} 2>&1"

@@ -1,6 +1,6 @@
 rule slices:
     input:
-        participants=rules.deidentify.output.participants,
+        deid=rules.deidentify.output.deid,
     output:
         slices=directory(f"{RESULTS}/slices"),
     log:
@@ -8,9 +8,8 @@ rule slices:
     benchmark:
         f"{BENCH}/slices.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings={"slices": config["slices"], "classes": config["classes"]},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config("slices", "classes"),
     threads: config["resources"]["slices"]["threads"]  # patients sliced in parallel
     conda:
         "../../envs/preprocess.yaml"
@@ -18,5 +17,5 @@ rule slices:
         mem_mb=config["resources"]["slices"]["mem_mb"],
         runtime=config["resources"]["slices"]["runtime"],
     shell:
-        "spinedet slices --config {params.config} --participants {input.participants}"
+        "spinedet slices --config {params.config:q} --participants {input.deid}/participants.csv"
         " --out {output.slices} --workers {threads} > {log} 2>&1"

@@ -12,9 +12,8 @@ rule split:
     benchmark:
         f"{BENCH}/split.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings={"split": config["split"], "seed": config["seed"]},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config("split", "groups", "classes", "seed"),
         out=lambda wildcards, output: Path(output.train).parent,
     conda:
         "../../envs/preprocess.yaml"
@@ -22,5 +21,5 @@ rule split:
         mem_mb=2000,
         runtime=10,
     shell:
-        "spinedet split --config {params.config} --slices {input.slices}"
+        "spinedet split --config {params.config:q} --slices {input.slices}"
         " --out {params.out} > {log} 2>&1"

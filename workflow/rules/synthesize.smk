@@ -7,14 +7,16 @@ if config["demo"]["enabled"]:
             cohort=config["cohort"],
             preview=f"{config['demo']['out']}/preview.png",
             key=f"{config['demo']['out']}/pseudonym.key",
+            faults=f"{config['demo']['out']}/faults.csv",
+            linked_storage=directory(f"{config['demo']['out']}/linked_storage"),
         params:
-            # The config this rule depends on: a change reruns it.
-            settings={"classes": config["classes"], "groups": config["groups"]},
-            config=EFFECTIVE_CONFIG,
+            # the config sections the verb reads (a change reruns the rule)
+            config=verb_config("classes", "groups"),
             out=lambda wildcards, output: Path(output.annotations).parent,
             patients=config["demo"]["patients"],
             matrix=config["demo"]["matrix"],
             seed=config["demo"]["seed"],
+            faults="--faults" if config["demo"]["faults"] else "",
         threads: 8  # patients written in parallel; snakemake caps it at --cores
         log:
             f"{LOGS}/synthesize.log",
@@ -25,4 +27,4 @@ if config["demo"]["enabled"]:
         shell:
             "spinedet synthesize --out {params.out} --patients {params.patients}"
             " --matrix {params.matrix} --seed {params.seed} --preview {output.preview}"
-            " --config {params.config} --workers {threads} > {log} 2>&1"
+            " --config {params.config:q} --workers {threads} {params.faults} > {log} 2>&1"

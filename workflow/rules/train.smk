@@ -20,9 +20,8 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{model}}.tsv"
     params:
-        # The config this rule depends on: a change reruns it.
-        settings=lambda wildcards: {"model": config["models"][wildcards.model], "train": config["train"], "seed": config["seed"], "classes": config["classes"]},
-        config=EFFECTIVE_CONFIG,
+        # the config sections the verb reads (a change reruns the rule)
+        config=lambda wildcards: verb_config("train", "seed", "classes", models=[wildcards.model]),
         out=lambda wildcards, output: Path(output.best).parent,
     conda:
         "../../envs/train.yaml"
@@ -33,6 +32,6 @@ rule train:
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime"],
     shell:
-        "spinedet train --config {params.config} --model {wildcards.model}"
+        "spinedet train --config {params.config:q} --model {wildcards.model}"
         " --train {input.train} --val {input.val} --images {input.images}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -24,19 +24,55 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def load(paths: list[str | Path] | str | Path) -> dict:
-    """Read and merge config files, validate them and fill schema defaults."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
+def load(sources: list[str | Path] | str | Path) -> dict:
+    """Read and merge config sources in order, validate them and fill schema defaults.
+
+    A source is a YAML file, or an inline YAML/JSON mapping (it starts with
+    `{`): the workflow passes each verb exactly the config sections its rule
+    depends on that way, as a rule param, so that a change to one of them
+    reruns just those rules. Inline sources are the whole config of the call:
+    top-level sections they do not hold are not filled from the schema, so a
+    verb that reads a section its rule did not pass fails with a KeyError
+    instead of silently running on a default.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
     config: dict = {}
-    for path in paths:
-        path = Path(path)
+    for source in sources:
+        config = deep_merge(config, read_source(source))
+    given = set(config)
+    validate(config)
+    if sources and all(is_inline(source) for source in sources):
+        config = {key: value for key, value in config.items() if key in given}
+    return config
+
+
+def add_config_argument(parser, required: bool = True) -> None:
+    """Every verb's --config."""
+    parser.add_argument("--config", nargs="+", required=required, default=None,
+                        help="config YAML file(s) or inline YAML/JSON mapping(s), merged in order")
+
+
+def is_inline(source: str | Path) -> bool:
+    return isinstance(source, str) and source.lstrip().startswith("{")
+
+
+def read_source(source: str | Path) -> dict:
+    if is_inline(source):
+        try:
+            value = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise SpinedetError(f"inline config is not valid YAML/JSON: {exc}") from None
+    else:
+        path = Path(source)
         if not path.is_file():
             raise SpinedetError(f"config file not found: {path}")
         with path.open() as fh:
-            config = deep_merge(config, yaml.safe_load(fh) or {})
-    validate(config)
-    return config
+            value = yaml.safe_load(fh)
+    value = value or {}
+    if not isinstance(value, dict):
+        raise SpinedetError(f"config {source}: expected a mapping of keys, got {type(value).__name__}")
+    return value
 
 
 def validate(config: dict) -> None:

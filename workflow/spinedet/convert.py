@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from spinedet import SpinedetError
 from spinedet.dicom_to_nifti import find_dcm2niix, run_dcm2niix
 from spinedet.io import read_csv, write_csv
 
@@ -32,7 +33,9 @@ CONVERSION_COLUMNS = ["row", "patient_id", "series_uid", "status", "nifti", "sid
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s)")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--series", required=True, type=Path, help="restricted inventory series.csv")
     parser.add_argument("--selection", required=True, type=Path, help="restricted inventory selection.csv")
     parser.add_argument("--out", required=True, type=Path, help="restricted conversion folder")
@@ -53,25 +56,44 @@ def convert_all(series_rows: list[dict], selection: list[dict], out: Path) -> li
     conversions = []
     for row in tqdm(chosen, desc="convert", unit="series"):
         folder = out / f"{int(row['row']):04d}"
-        record = {"row": row["row"], "patient_id": row["patient_id"], "series_uid": row["series_uid"]}
-        series = series_by_uid.get(row["series_uid"])
-        if series is None or not series["files"]:
-            record.update(status="quarantined", nifti="", sidecar="",
-                          message="the selected series is not in series.csv: rerun the inventory")
-        else:
-            try:
-                result = run_dcm2niix([Path(f) for f in series["files"].split(";")], folder,
-                                      work_dir=out, binary=binary,
-                                      pixels_per_file=int(series["rows"]) * int(series["columns"]))
-            except OSError as exc:
-                result = {"status": "quarantined", "nifti": "", "sidecar": "", "output": "",
-                          "message": f"conversion failed: {exc.strerror or type(exc).__name__}"}
-            print(f"--- selection row {row['row']}: dcm2niix ---\n{result['output'].rstrip()}", flush=True)
-            record.update({key: result[key] for key in ("status", "nifti", "sidecar", "message")})
-        if record["status"] != "converted":
-            log.warning("selection row %s quarantined: %s", row["row"], record["message"])
+        candidates = [row["series_uid"], *(uid for uid in (row.get("fallbacks") or "").split(";") if uid)]
+        failures = []
+        for number, series_uid in enumerate(candidates):
+            record = {"row": row["row"], "patient_id": row["patient_id"], "series_uid": series_uid,
+                      **convert_series(series_by_uid.get(series_uid), folder, out, binary, row["row"])}
+            if record["status"] == "converted":
+                break
+            failures.append(record["message"] if len(candidates) == 1 else
+                            f"{'selected' if number == 0 else f'fallback {number}'} series: {record['message']}")
+        if failures:
+            if record["status"] == "converted":
+                record["message"] = (f"converted fallback {len(failures)} of the inventory's ranking after "
+                                     + "; ".join(failures))
+                log.warning("selection row %s: %s", row["row"], record["message"])
+            else:
+                record["message"] = "; ".join(failures)
+                log.warning("selection row %s quarantined: %s", row["row"], record["message"])
         conversions.append(record)
     return conversions
+
+
+def convert_series(series: dict | None, folder: Path, out: Path, binary: str, selection_row) -> dict:
+    """dcm2niix on one series.csv row: status, nifti, sidecar and message."""
+    if series is None or not series["files"]:
+        return {"status": "quarantined", "nifti": "", "sidecar": "",
+                "message": "the selected series is not in series.csv: rerun the inventory"}
+    try:
+        result = run_dcm2niix([Path(f) for f in series["files"].split(";")], folder, work_dir=out, binary=binary,
+                              pixels_per_file=int(series["rows"]) * int(series["columns"]))
+    except OSError as exc:
+        result = {"status": "quarantined", "nifti": "", "sidecar": "", "output": "",
+                  "message": f"conversion failed: {exc.strerror or type(exc).__name__}"}
+    print(f"--- selection row {selection_row}: dcm2niix ---\n{result['output'].rstrip()}", flush=True)
+    missing = int(series.get("missing_slices") or 0)
+    if result["status"] != "converted" and missing:
+        result["message"] = (f"{missing} slice(s) missing from the series (a gap in slice positions, see "
+                             f"series.csv): re-export the complete series. dcm2niix: {result['message']}")
+    return {key: result[key] for key in ("status", "nifti", "sidecar", "message")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,4 +106,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("%d of %d selected series converted, %d quarantined", converted, len(conversions),
              len(conversions) - converted)
     sys.stdout.flush()
+    if conversions and not converted:
+        raise SpinedetError(
+            f"0 of {len(conversions)} selected series converted: nothing to "
+            "de-identify. Each series' dcm2niix message is in restricted/convert/conversions.csv "
+            "(under snakemake, add --keep-incomplete to keep the tables of a failed job)")
     return 0

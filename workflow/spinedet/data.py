@@ -65,6 +65,15 @@ def image_size(coco: dict) -> int:
     return max(max(int(img["width"]), int(img["height"])) for img in coco["images"])
 
 
+def pixel_spacing_mm(coco: dict) -> list[float] | None:
+    """Median (row, column) pixel spacing in mm of a COCO dataset's slices, None when not recorded."""
+    spacings = [(img["pixel_height_mm"], img["pixel_width_mm"]) for img in coco["images"]
+                if img.get("pixel_height_mm") and img.get("pixel_width_mm")]
+    if not spacings:
+        return None
+    return [round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=float), axis=0)]
+
+
 def coco_to_xyxy(bbox: list[float]) -> list[float]:
     x, y, w, h = bbox
     return [x, y, x + w, y + h]

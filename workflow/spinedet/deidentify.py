@@ -87,7 +87,9 @@ ISSUE_COLUMNS = ["pseudonym", "row", "label", "reason", "detail"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s)")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--conversions", required=True, type=Path, help="restricted conversions.csv")
     parser.add_argument("--files", required=True, type=Path, help="restricted inventory files.csv")
     parser.add_argument("--selection", required=True, type=Path, help="restricted inventory selection.csv")
@@ -141,15 +143,25 @@ def pseudonymise(patient_ids: list[str], key: bytes, length: int) -> dict[str, s
     return table
 
 
-def subject_paths(out: Path, pseudo: str) -> dict[str, Path]:
-    """Where a subject's files go. Only the pseudonym (alphanumeric) enters the path."""
+def bids_suffix(series_description: str) -> str:
+    """The BIDS-style suffix of the selected series, from its description: STIR,
+    T1w or T2w (STIR first: "T2 STIR" is a STIR); MR when none applies."""
+    for pattern, suffix in (("(?i)stir", "STIR"), ("(?i)t1", "T1w"), ("(?i)t2", "T2w")):
+        if re.search(pattern, series_description or ""):
+            return suffix
+    return "MR"
+
+
+def subject_paths(out: Path, pseudo: str, suffix: str = "T2w") -> dict[str, Path]:
+    """Where a subject's files go. Only the pseudonym (alphanumeric) and the
+    sequence suffix enter the path."""
     if not PSEUDONYM_PATTERN.fullmatch(pseudo):
         raise ValueError(f"pseudonym must be alphanumeric, got {pseudo!r}")
     subject = Path(out) / f"sub-{pseudo}"
     return {
         "dir": subject,
-        "nifti": subject / "anat" / f"sub-{pseudo}_T2w.nii.gz",
-        "sidecar": subject / "anat" / f"sub-{pseudo}_T2w.json",
+        "nifti": subject / "anat" / f"sub-{pseudo}_{suffix}.nii.gz",
+        "sidecar": subject / "anat" / f"sub-{pseudo}_{suffix}.json",
         "boxes": subject / f"sub-{pseudo}_boxes.json",
     }
 
@@ -362,7 +374,7 @@ def deidentify(conversions: list[dict], file_rows: list[dict], selection: list[d
         if first is None:
             raise SpinedetError(f"selection row {conversion['row']}: the converted series has no ok file "
                                 "in files.csv: rerun inventory and convert")
-        paths = subject_paths(out, pseudonyms[patient_id])
+        paths = subject_paths(out, pseudonyms[patient_id], bids_suffix(first["series_description"]))
         write_bytes(paths["nifti"], scrubbed_nifti_bytes(Path(conversion["nifti"])))
         _write_json(paths["sidecar"], scrubbed_sidecar(Path(conversion["sidecar"]),
                                                        json.loads(first["pixel_spacing"])))
@@ -433,4 +445,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("%d participants, %d boxes in voxel space, %d annotations quarantined (see "
              "annotation_issues.csv)", counts["participants"], counts["boxes"], counts["issues"])
+    if not counts["participants"]:
+        raise SpinedetError("0 patients de-identified: no converted series belongs to a cohort patient; "
+                            "nothing to slice (see restricted/convert/conversions.csv)")
     return 0

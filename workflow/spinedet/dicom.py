@@ -16,11 +16,12 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from spinedet import SpinedetError
-from spinedet.geometry import orientation_label
+from spinedet.geometry import orientation_label, slice_normal
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 SUPPORTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}
@@ -44,20 +45,58 @@ REQUIRED_IMAGE_ATTRIBUTES = (
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every file under `root`, at any depth, in sorted order of the relative path.
+    """Every file under `root` (see walk_export), without the entries that are not files."""
+    return walk_export(root)[0]
 
-    Only Snakemake's own marker of a `directory()` output (written at the
-    root when the synthesizer made the export) is left out: it is not part
-    of the export.
+
+def walk_export(root: Path) -> tuple[list[Path], list[dict]]:
+    """Every file under `root`, at any depth, in sorted order of the relative
+    path, and a quarantine row for every entry that cannot be a file of the
+    export: a broken symbolic link, a folder that cannot be listed, a
+    directory link that loops back to a folder already walked.
+
+    Directory links are followed (exports are often assembled from linked
+    folders), each real folder once. Only Snakemake's own marker of a
+    `directory()` output (written at the root when the synthesizer made the
+    export) is left out: it is not part of the export.
     """
     root = Path(root)
     if not root.is_dir():
         raise SpinedetError(f"raw export folder not found: {root}")
-    found = []
-    for folder, _dirs, names in os.walk(root):
-        found.extend(Path(folder, name) for name in names
-                     if not (name == SNAKEMAKE_MARKER and Path(folder) == root))
-    return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    files, problems = [], []
+
+    def unlistable(error: OSError) -> None:
+        problems.append(quarantine_row(
+            "unreadable_folder", f"cannot list this folder ({error.strerror}): its files are not in the "
+            "inventory; fix its permissions (e.g. chmod -R u+rX) and rerun", path=Path(error.filename).as_posix()))
+
+    walked = {os.path.realpath(root)}
+    for folder, dirs, names in os.walk(root, onerror=unlistable, followlinks=True):
+        for name in sorted(dirs):
+            path = Path(folder, name)
+            real = os.path.realpath(path)
+            if real in walked:
+                dirs.remove(name)
+                problems.append(quarantine_row(
+                    "link_loop", "a directory link to a folder already walked (a loop or a second link): "
+                    "not followed, its files are listed once under the other path", path=path.as_posix()))
+            else:
+                walked.add(real)
+        for name in names:
+            path = Path(folder, name)
+            if name == SNAKEMAKE_MARKER and path.parent == root:
+                continue
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink():
+                problems.append(quarantine_row(
+                    "broken_link", "a symbolic link whose target does not exist: restore the target or "
+                    "remove the link", path=path.as_posix()))
+            else:
+                problems.append(quarantine_row(
+                    "not_a_file", "not a regular file (a socket, FIFO or device): remove it from the export",
+                    path=path.as_posix()))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix()), problems
 
 
 def quarantine_row(reason: str, detail: str, **fields) -> dict:
@@ -199,8 +238,10 @@ def _classify_dataset(dataset) -> dict:
                            "with its pixels", **fields)
     missing = [name for name in REQUIRED_IMAGE_ATTRIBUTES if _text(dataset.get(name)) == ""]
     if missing:
-        return quarantine_row("missing_attributes", f"missing {', '.join(missing)}: the image cannot be "
-                           "placed in patient space", **fields)
+        why = ("the image cannot be assigned to a patient or study" if {"PatientID", "StudyInstanceUID"} & set(missing)
+               else "the image cannot be placed in patient space")
+        return quarantine_row("missing_attributes", f"missing {', '.join(missing)}: {why}; re-export it with "
+                              "its full header", **fields)
     transfer_syntax = _transfer_syntax(dataset)
     pixel_element = _raw_element(dataset, PIXEL_DATA_TAG)
     if (transfer_syntax is None or not transfer_syntax.is_encapsulated) and (
@@ -258,6 +299,7 @@ def build_series(file_rows: list[dict]) -> list[dict]:
             "description": first["series_description"],
             "orientation": orientations.pop() if len(orientations) == 1 else "mixed",
             "n_slices": len(files),
+            **slice_positions(files),
             "pixel_spacing": first["pixel_spacing"],
             "slice_thickness": first["slice_thickness"],
             "rows": first["rows"],
@@ -267,6 +309,25 @@ def build_series(file_rows: list[dict]) -> list[dict]:
         })
     series_rows.sort(key=lambda s: (s["patient_id"], s["study_uid"], series_number_key(s), s["series_uid"]))
     return series_rows
+
+
+def slice_positions(files: list[dict]) -> dict:
+    """`positions`: distinct slice positions along the series' normal (fewer
+    than the files for a 4-D series: diffusion, multi-echo, dynamics);
+    `missing_slices`: positions absent from an otherwise even stack (a gap
+    of k steps is k - 1 missing slices). Both empty when the geometry is not
+    one stack (mixed orientations, positions absent)."""
+    try:
+        normal = slice_normal(json.loads(files[0]["image_orientation"]))
+        along = sorted({round(float(np.dot(json.loads(f["image_position"]), normal)), 3) for f in files})
+    except (ValueError, TypeError, KeyError):
+        return {"positions": "", "missing_slices": ""}
+    steps = np.diff(along)
+    if len(steps) < 2:
+        return {"positions": len(along), "missing_slices": 0}
+    step = float(np.median(steps))
+    missing = int(sum(round(s / step) - 1 for s in steps if s > 1.5 * step)) if step > 0 else 0
+    return {"positions": len(along), "missing_slices": missing}
 
 
 def is_target(series: dict, rules: dict) -> bool:

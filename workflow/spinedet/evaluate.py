@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="effective config YAML file(s)")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--model", required=True, help="model name (a key of config models:)")
     parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
     parser.add_argument("--test", required=True, type=Path, help="test split COCO JSON")

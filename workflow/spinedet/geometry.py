@@ -31,9 +31,12 @@ PLANE_BY_AXIS = ("sagittal", "coronal", "axial")  # normal along L-R, A-P, S-I
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 
-# How far (in voxels) a mapped box edge or slice may sit from the voxel grid
-# before we call the volume and the annotation inconsistent.
+# How far (in voxels) a mapped box's slice may sit from a voxel slice before
+# we call the volume and the annotation inconsistent. In-plane edges are
+# continuous coordinates (annotation tools export decimal pixels): not snapped.
 GRID_TOLERANCE = 0.1
+# In-plane edges this close to the grid are written as whole voxels.
+ON_GRID = 1e-4
 
 
 class GeometryError(ValueError):
@@ -149,8 +152,8 @@ class VoxelBox:
     slice_axis: int
     slice: int
     axes: tuple[int, int]
-    min: tuple[int, int]
-    max: tuple[int, int]
+    min: tuple[float, float]  # edges, whole voxels written as int
+    max: tuple[float, float]
 
     def as_dict(self) -> dict:
         return {
@@ -169,6 +172,11 @@ def _snap(values: np.ndarray, what: str, tolerance: float) -> np.ndarray:
     return snapped.astype(int)
 
 
+def _edges(values: np.ndarray) -> tuple:
+    """Continuous edge coordinates to 1e-3 voxel; whole voxels (within rounding) as int."""
+    return tuple(int(round(v)) if abs(v - round(v)) <= ON_GRID else round(float(v), 3) for v in values)
+
+
 def pixel_box_to_voxel_box(
     box, ipp, iop, pixel_spacing, affine, shape=None, tolerance: float = GRID_TOLERANCE
 ) -> VoxelBox:
@@ -177,8 +185,10 @@ def pixel_box_to_voxel_box(
     The four corners go through the geometry as index coordinates (edge -
     0.5); the axis on which all four agree is the slice axis, the other two
     carry the box, back in edge coordinates (+ 0.5). Raises GeometryError if
-    the box is empty, its corners do not lie on one voxel slice or off the
-    grid, or (when the volume `shape` is given) it falls outside the volume.
+    the box is empty, its corners do not lie on one voxel slice (within
+    `tolerance`), or (when the volume `shape` is given) it falls outside the
+    volume. In-plane edges stay continuous: a decimal pixel edge maps to a
+    decimal voxel edge.
     """
     x_min, y_min, x_max, y_max = (float(v) for v in box)
     if not (x_max > x_min and y_max > y_min):
@@ -196,8 +206,7 @@ def pixel_box_to_voxel_box(
     slice_index = int(_snap(np.array([voxels[:, slice_axis].mean()]), "the slice", tolerance)[0])
     axes = tuple(axis for axis in range(3) if axis != slice_axis)
     edges = voxels[:, axes] + 0.5
-    low = _snap(edges.min(axis=0), "a box edge", tolerance)
-    high = _snap(edges.max(axis=0), "a box edge", tolerance)
+    low, high = _edges(edges.min(axis=0)), _edges(edges.max(axis=0))
     if shape is not None:
         size = [int(shape[axis]) for axis in axes]
         if not 0 <= slice_index < int(shape[slice_axis]) or any(
@@ -208,6 +217,6 @@ def pixel_box_to_voxel_box(
         slice_axis=slice_axis,
         slice=slice_index,
         axes=(int(axes[0]), int(axes[1])),
-        min=(int(low[0]), int(low[1])),
-        max=(int(high[0]), int(high[1])),
+        min=low,
+        max=high,
     )

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.dicom import build_series, is_target, list_files, quarantine_row, read_file, series_number_key
+from spinedet.dicom import build_series, is_target, quarantine_row, read_file, series_number_key, walk_export
 from spinedet.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ SERIES_COLUMNS = [
     "description",
     "orientation",
     "n_slices",
+    "positions",
+    "missing_slices",
     "pixel_spacing",
     "slice_thickness",
     "rows",
@@ -64,11 +67,13 @@ SERIES_COLUMNS = [
     "files",
     "selected",
 ]
-SELECTION_COLUMNS = ["row", "patient_id", "group", "series_uid", "status", "reason"]
+SELECTION_COLUMNS = ["row", "patient_id", "group", "series_uid", "status", "reason", "fallbacks"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s)")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--raw", required=True, type=Path, help="root of the raw DICOM export")
     parser.add_argument("--cohort", required=True, type=Path, help="cohort.csv (patient_id, group)")
     parser.add_argument("--out", required=True, type=Path, help="restricted inventory folder")
@@ -144,9 +149,16 @@ def select_series(series_rows: list[dict], file_rows: list[dict], cohort: dict[s
                   rules: dict) -> list[dict]:
     """One selection.csv row per cohort patient; marks the chosen series `selected` in place.
 
-    Among the series meeting the rules the one with most slices wins; ties
-    go to the lowest series number, then the lowest series UID.
+    Among the series meeting the rules, one matching an earlier `prefer`
+    pattern wins (T2 before STIR), then the one with most slices; ties go to
+    the lowest series number, then the lowest series UID.
     """
+    prefer = list(rules.get("prefer") or [])
+
+    def preference(series: dict) -> int:
+        return next((rank for rank, pattern in enumerate(prefer) if re.search(pattern, series["description"])),
+                    len(prefer))
+
     by_patient: dict[str, list[dict]] = defaultdict(list)
     for series in series_rows:
         by_patient[series["patient_id"]].append(series)
@@ -160,17 +172,27 @@ def select_series(series_rows: list[dict], file_rows: list[dict], cohort: dict[s
     selection = []
     for number, (patient_id, group) in enumerate(cohort.items(), start=1):
         candidates = by_patient.get(patient_id, [])
-        record = {"row": number, "patient_id": patient_id, "group": group, "series_uid": ""}
+        record = {"row": number, "patient_id": patient_id, "group": group, "series_uid": "", "fallbacks": ""}
         targets = sorted(
             (s for s in candidates if is_target(s, rules)),
-            key=lambda s: (-s["n_slices"], series_number_key(s), s["series_uid"]),
+            key=lambda s: (preference(s), missing_slices(s) > 0, is_multi_volume(s), -int(s["n_slices"]),
+                           series_number_key(s), s["series_uid"]),
         )
         if targets:
             chosen = targets[0]
             chosen["selected"] = True
             others = f"; {len(targets) - 1} other matching series not used" if len(targets) > 1 else ""
+            warning = ""
+            if missing_slices(chosen):
+                warning = (f"; WARNING: {missing_slices(chosen)} slice(s) missing (a gap in slice positions): "
+                           "re-export the complete series")
+            elif is_multi_volume(chosen):
+                warning = (f"; WARNING: {chosen['n_slices']} images at {chosen['positions']} positions "
+                           "(a 4-D series) and no 3-D one matches the rules")
+            # convert tries these, in this order, when the chosen series does not convert
             record.update(series_uid=chosen["series_uid"], status="selected",
-                          reason=f"{_describe(chosen)} meets the rules ({rule_text}){others}")
+                          reason=f"{_describe(chosen)} meets the rules ({rule_text}){others}{warning}",
+                          fallbacks=";".join(s["series_uid"] for s in targets[1:]))
         elif candidates:
             found = ", ".join(_describe(s) for s in candidates)
             record.update(status="no_target_series",
@@ -183,6 +205,15 @@ def select_series(series_rows: list[dict], file_rows: list[dict], cohort: dict[s
             record.update(status="no_files", reason="no file of this patient in the export")
         selection.append(record)
     return selection
+
+
+def missing_slices(series: dict) -> int:
+    return int(series.get("missing_slices") or 0)
+
+
+def is_multi_volume(series: dict) -> bool:
+    """More images than slice positions: a 4-D series (diffusion, multi-echo, dynamics)."""
+    return bool(series.get("positions")) and int(series["n_slices"]) > int(series["positions"])
 
 
 def summarize(file_rows: list[dict], series_rows: list[dict], selection: list[dict],
@@ -213,9 +244,11 @@ def inventory(raw: Path, cohort_path: Path, config: dict) -> tuple[list, list, l
     """Run the whole inventory in memory: (files, series, selection, summary)."""
     raw = Path(raw)
     cohort = read_cohort(cohort_path, config["groups"])
-    paths = list_files(raw)
-    log.info("%d files under the raw export, %d cohort patients", len(paths), len(cohort))
-    file_rows = classify_files(paths, cohort)
+    paths, not_files = walk_export(raw)
+    log.info("%d files under the raw export, %d other entries, %d cohort patients", len(paths), len(not_files),
+             len(cohort))
+    file_rows = classify_files(paths, cohort) + [{**{c: "" for c in FILE_COLUMNS}, **row} for row in not_files]
+    file_rows.sort(key=lambda row: row["path"])
     series_rows = build_series(file_rows)
     selection = select_series(series_rows, file_rows, cohort, config["inventory"])
     summary = summarize(file_rows, series_rows, selection, cohort)
@@ -236,4 +269,25 @@ def run(args: argparse.Namespace) -> int:
         summary["files_in"], summary["ok"], summary["quarantined"], summary["quarantined_by_reason"],
         summary["series"], summary["patients_selected"], summary["cohort_patients"],
     )
+    check_something_to_convert(summary)
     return 0
+
+
+def check_something_to_convert(summary: dict) -> None:
+    """Stop here, saying why, when no cohort patient has a target series: every
+    later stage would have nothing to work on. The tables are written first;
+    the message holds counts only (no ID or description: logs/ is not restricted/)."""
+    if summary["patients_selected"]:
+        return
+    if summary["files_in"] == 0:
+        why = "the raw export (config `raw`) holds no file"
+    elif summary["ok"] == 0:
+        why = f"all {summary['files_in']} files were quarantined ({summary['quarantined_by_reason']})"
+    else:
+        why = (f"{summary['patients_without_target']} have series but none meets the inventory rules "
+               f"(series by orientation: {summary['series_by_orientation']}), "
+               f"{summary['patients_without_files']} have no usable file")
+    raise SpinedetError(
+        f"0 of {summary['cohort_patients']} cohort patients have a target series: {why}. "
+        "Nothing to convert. Each patient's reason is in restricted/inventory/selection.csv "
+        "(under snakemake, add --keep-incomplete to keep the tables of a failed job)")

@@ -48,12 +48,14 @@ OVERLAY_MIN_SIDE = 512
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from spinedet.config import add_config_argument
+
     parser.description = (
         "Detect lesions in a new DICOM series (or study folder) or NIfTI volume. The output is "
         "clinical: detections.json may contain DICOM UIDs of the input, so keep it with the "
         "patient's record and out of results/."
     )
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
+    add_config_argument(parser)
     parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
     parser.add_argument(
         "--input", required=True, type=Path, help="DICOM series (or study) folder, or a .nii/.nii.gz volume"
@@ -65,13 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (default 0.5)"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: config train.threads)")
+    parser.add_argument("--allow-non-sagittal", action="store_true",
+                        help="run on a volume acquired axially or coronally (refused by default: the detectors "
+                             "were trained on sagittal slices, and its sagittal reformats are as coarse as its "
+                             "slice thickness)")
 
 
 def run(args: argparse.Namespace) -> int:
     from spinedet.config import load
 
     config = load(args.config)
-    result = predict(config, args.weights, args.input, args.out, args.score_threshold, args.threads)
+    result = predict(config, args.weights, args.input, args.out, args.score_threshold, args.threads,
+                     allow_non_sagittal=args.allow_non_sagittal)
     log.info("%d detections on %d slices; see %s", len(result["detections"]), result["input"]["slices"], args.out)
     return 0
 
@@ -96,6 +103,11 @@ def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
         if row["status"] == "ok" and row.get("kind") == "image" and row["sop_instance_uid"] not in seen:
             seen.add(row["sop_instance_uid"])
             rows.append(row)
+    patients = {row["patient_id"] for row in rows}
+    if len(patients) > 1:
+        raise SpinedetError(
+            f"{folder} holds images of {len(patients)} patients: point --input at one patient's series or "
+            "study (predict runs on one patient at a time)")
     series = build_series(rows)
     if not series:
         raise SpinedetError(f"{folder}: no readable MR image (see `spinedet inventory` for the reasons)")
@@ -110,8 +122,6 @@ def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
         series = sorted(targets, key=lambda s: -s["n_slices"])
     chosen = series[0]
     log.info("series %r: %s, %d images", chosen["description"], chosen["orientation"], chosen["n_slices"])
-    if chosen["orientation"] != "sagittal":
-        log.warning("the series is %s; the detectors were trained on sagittal slices", chosen["orientation"])
     return chosen, [r for r in rows if r["series_uid"] == chosen["series_uid"]]
 
 
@@ -140,6 +150,56 @@ def prepare_volume(nifti: Path, window_percentiles: list[float]):
         raise SpinedetError(f"cannot read volume {nifti}: {exc}") from exc
     volume = to_canonical(image)
     return image.affine, volume, window_to_uint8(volume.data, list(window_percentiles))
+
+
+def acquisition_plane(affine: np.ndarray) -> tuple[str, list[float]]:
+    """The plane a volume's slices were acquired in, and its voxel sizes in mm.
+
+    The slices lie across the thickest voxel axis; its direction in the world
+    names the plane (along L-R: sagittal, A-P: coronal, S-I: axial).
+    `isotropic` when no axis is at least 1.5x thicker than the others: such a
+    volume reformats to sagittal slices without loss.
+    """
+    from spinedet.geometry import PLANE_BY_AXIS, PLANE_MIN_COSINE
+
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    sizes = np.linalg.norm(columns, axis=0)
+    thick = int(np.argmax(sizes))
+    if sizes[thick] < 1.5 * np.delete(sizes, thick).max():
+        return "isotropic", [round(float(v), 3) for v in sizes]
+    direction = np.abs(columns[:, thick]) / sizes[thick]
+    world = int(np.argmax(direction))
+    plane = PLANE_BY_AXIS[world] if direction[world] >= PLANE_MIN_COSINE else "oblique"
+    return plane, [round(float(v), 3) for v in sizes]
+
+
+def check_input_plane(affine: np.ndarray, input_path: Path, allow_non_sagittal: bool) -> None:
+    plane, sizes = acquisition_plane(affine)
+    if plane in ("sagittal", "isotropic"):
+        return
+    voxels = " x ".join(f"{v:.2f}" for v in sizes)
+    message = (f"{input_path}: the volume was acquired {plane} (voxels {voxels} mm), but the detectors were "
+               f"trained on sagittal slices; its sagittal reformats would be {max(sizes):.1f} mm coarse")
+    if not allow_non_sagittal:
+        raise SpinedetError(f"{message}. Use the patient's sagittal series, or pass --allow-non-sagittal "
+                            "to run anyway")
+    log.warning("%s (--allow-non-sagittal: running anyway)", message)
+
+
+def check_spacing_and_matrix(volume, slices: np.ndarray, meta: dict) -> None:
+    """Warn when the slices are far (> 25 %) from the training slices' pixel spacing or size."""
+    spacing = np.linalg.norm(np.asarray(volume.affine, dtype=float)[:3, 1:3], axis=0)
+    trained = meta.get("pixel_spacing_mm")
+    if trained:
+        ratio = spacing / np.asarray(trained, dtype=float)
+        if np.any(np.abs(ratio - 1) > 0.25):
+            log.warning("pixels are %.2f x %.2f mm, the model was trained on %.2f x %.2f mm: lesions look %.1fx "
+                        "their trained size", *spacing, *trained, float(1 / ratio.mean()))
+    if max(slices.shape[1:]) != int(meta["image_size"]):
+        log.warning(
+            "slices are %dx%d px, the model was trained on %d px: it resizes them to that size",
+            slices.shape[2], slices.shape[1], meta["image_size"],
+        )
 
 
 # ---------------------------------------------------------------- geometry
@@ -249,6 +309,7 @@ def predict(
     threads: int | None = None,
     model=None,
     meta: dict | None = None,
+    allow_non_sagittal: bool = False,
 ) -> dict:
     """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`."""
     from spinedet.models import load_trained
@@ -272,20 +333,24 @@ def predict(
         if is_nifti(input_path):
             kind, locator = "nifti", None
             affine, volume, slices = prepare_volume(input_path, window)
+            check_input_plane(affine, input_path, allow_non_sagittal)
         elif input_path.is_dir():
             kind = "dicom"
             series, files = read_series(input_path, config["inventory"])
+            if series["orientation"] != "sagittal":
+                message = (f"{input_path}: the series is {series['orientation']}, but the detectors were trained "
+                           "on sagittal slices")
+                if not allow_non_sagittal:
+                    raise SpinedetError(f"{message}. Use the patient's sagittal series, or pass "
+                                        "--allow-non-sagittal to run anyway")
+                log.warning("%s (--allow-non-sagittal: running anyway)", message)
             # dcm2niix's sidecar carries identity: it lives and dies in the temporary folder.
             affine, volume, slices = prepare_volume(convert_series(series, files, Path(tmp)), window)
             locator = InstanceLocator(files, affine, np.linalg.inv(volume.old_to_new))
         else:
             raise SpinedetError(f"--input {input_path}: not a DICOM folder nor a .nii/.nii.gz file")
 
-    if max(slices.shape[1:]) != int(meta["image_size"]):
-        log.warning(
-            "slices are %dx%d px, the model was trained on %d px: it resizes them to that size",
-            slices.shape[2], slices.shape[1], meta["image_size"],
-        )
+    check_spacing_and_matrix(volume, slices, meta)
     detections = detect_slices(model, slices, classes, device, score_threshold)
     if locator is not None:
         for det in detections:

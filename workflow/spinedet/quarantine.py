@@ -13,4 +13,8 @@ REASONS = {
     "missing_attributes": "attributes needed for the geometry are missing",
     "duplicate": "duplicate SOPInstanceUID",
     "not_in_cohort": "PatientID is not in cohort.csv",
+    "broken_link": "symbolic link to nothing",
+    "unreadable_folder": "folder cannot be listed (permissions)",
+    "link_loop": "directory link to a folder already read",
+    "not_a_file": "not a regular file",
 }

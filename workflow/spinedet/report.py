@@ -9,7 +9,8 @@ split/test.json, inventory/summary.json and deid/annotation_issues.csv under
 - report.md: the same tables, figures referenced from figures/;
 - summary.csv: one row per model; timing columns (prefix `timing_`) last, so
   the rest is byte-identical for the same inputs;
-- figures/*.png: PR curves, FROC curves, training curves, test examples.
+- figures/*.png: PR curves, FROC curves, training curves, test examples;
+- config.yaml: the study config the report describes (all but `resources`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import platform
 import subprocess
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -79,9 +81,20 @@ INVENTORY_LABELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="effective config YAML file(s)")
-    parser.add_argument("--models", nargs="+", required=True, help="model names to compare")
-    parser.add_argument("--results", required=True, type=Path, help="results folder")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
+    parser.add_argument("--models", nargs="+", required=True, help="model names to compare, in table order")
+    per_model = "one per --models entry, in the same order"
+    parser.add_argument("--metrics", nargs="+", required=True, type=Path, help=f"eval metrics.json, {per_model}")
+    parser.add_argument("--timing", nargs="+", required=True, type=Path, help=f"eval timing.json, {per_model}")
+    parser.add_argument("--detections", nargs="+", required=True, type=Path,
+                        help=f"eval detections.json, {per_model}")
+    parser.add_argument("--train-logs", nargs="+", required=True, type=Path, help=f"train_log.csv, {per_model}")
+    parser.add_argument("--test", required=True, type=Path, help="test split COCO (split/test.json)")
+    parser.add_argument("--group-counts", required=True, type=Path, help="split/group_counts.csv")
+    parser.add_argument("--inventory", required=True, type=Path, help="inventory/summary.json")
+    parser.add_argument("--issues", required=True, type=Path, help="deid/annotation_issues.csv")
     parser.add_argument("--images", required=True, type=Path, help="slice PNG root (results/slices)")
     parser.add_argument("--out", required=True, type=Path, help="report folder (results/report)")
 
@@ -89,15 +102,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- inputs
 
 
-def read_model_results(results: Path, model: str) -> dict:
+@dataclass(frozen=True)
+class ModelFiles:
+    name: str
+    metrics: Path
+    timing: Path
+    detections: Path
+    train_log: Path
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Every file the report reads: the report rule's inputs, no path re-derived."""
+    models: list[ModelFiles]
+    test: Path
+    group_counts: Path
+    inventory: Path
+    issues: Path
+    images: Path
+
+
+def read_model_results(files: ModelFiles) -> dict:
     """One model's evaluation and training outputs."""
-    train_log = read_csv(results / "models" / model / "train_log.csv")
     return {
-        "name": model,
-        "metrics": read_json(results / "eval" / model / "metrics.json"),
-        "timing": read_json(results / "eval" / model / "timing.json"),
-        "detections": read_json(results / "eval" / model / "detections.json"),
-        "train_log": train_log,
+        "name": files.name,
+        "metrics": read_json(files.metrics),
+        "timing": read_json(files.timing),
+        "detections": read_json(files.detections),
+        "train_log": read_csv(files.train_log),
     }
 
 
@@ -513,9 +545,15 @@ def embed_png(path: Path) -> str:
 # ---------------------------------------------------------------- manifest
 
 
+def config_text(config: dict) -> str:
+    """The study config as run (every section but `resources`, defaults filled), as
+    the report's config.yaml: with the commit, what reproduces the report."""
+    return yaml.safe_dump(config, sort_keys=True)
+
+
 def config_sha256(config: dict) -> str:
-    """sha256 of the effective config as YAML (the text the Snakefile writes)."""
-    return hashlib.sha256(yaml.safe_dump(config, sort_keys=True).encode("utf-8")).hexdigest()
+    """sha256 of config.yaml beside the report."""
+    return hashlib.sha256(config_text(config).encode("utf-8")).hexdigest()
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -582,18 +620,19 @@ FIGURES = [
 ]
 
 
-def build_report(config: dict, model_names: list[str], results: Path, images_root: Path, out: Path) -> dict:
+def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
     """Read the inputs, draw the figures and write report.html, report.md and summary.csv."""
     classes = list(config["classes"])
-    models = [read_model_results(results, name) for name in model_names]
-    for model in models:
+    models = [read_model_results(files) for files in inputs.models]
+    for model, files in zip(models, inputs.models):
         if model["metrics"].get("classes", classes) != classes:
-            raise SpinedetError(f"eval/{model['name']}/metrics.json has classes {model['metrics']['classes']}, "
+            raise SpinedetError(f"{files.metrics} has classes {model['metrics']['classes']}, "
                                 f"the config says {classes}")
-    test_coco = read_json(results / "split" / "test.json")
-    cohort = read_group_counts(results / "split" / "group_counts.csv")
-    inventory = inventory_rows(read_json(results / "inventory" / "summary.json"))
-    issues = annotation_issue_counts(results / "deid" / "annotation_issues.csv")
+    test_coco = read_json(inputs.test)
+    cohort = read_group_counts(inputs.group_counts)
+    inventory = inventory_rows(read_json(inputs.inventory))
+    issues = annotation_issue_counts(inputs.issues)
+    images_root = inputs.images
 
     rows = [comparison_row(model, classes) for model in models]
     figures_dir = out / "figures"
@@ -639,6 +678,7 @@ def build_report(config: dict, model_names: list[str], results: Path, images_roo
     write_text(out / "report.html", environment.get_template("report.html").render(context))
     write_text(out / "report.md", environment.get_template("report.md").render(context))
     write_summary_csv(out / "summary.csv", rows)
+    write_text(out / "config.yaml", config_text(config))
     log.info("report written to %s", out)
     return context
 
@@ -647,5 +687,13 @@ def run(args: argparse.Namespace) -> int:
     from spinedet.config import load
 
     config = load(args.config)
-    build_report(config, args.models, args.results, args.images, args.out)
+    per_model = {"--metrics": args.metrics, "--timing": args.timing, "--detections": args.detections,
+                 "--train-logs": args.train_logs}
+    for option, paths in per_model.items():
+        if len(paths) != len(args.models):
+            raise SpinedetError(f"{option}: {len(paths)} files for {len(args.models)} models ({' '.join(args.models)})")
+    models = [ModelFiles(*files) for files in zip(args.models, args.metrics, args.timing, args.detections,
+                                                  args.train_logs)]
+    inputs = ReportInputs(models, args.test, args.group_counts, args.inventory, args.issues, args.images)
+    build_report(config, inputs, args.out)
     return 0

@@ -335,7 +335,9 @@ def write_all_slices(participants: Path, out_dir: Path, config: dict, workers: i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--participants", required=True, type=Path,
                         help="participants.csv of the de-identified tree (results/deid/participants.csv)")
     parser.add_argument("--out", required=True, type=Path, help="slices root, e.g. results/slices")

@@ -260,7 +260,9 @@ def write_group_counts(path: Path, patient_groups, assignment, groups: list[str]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--slices", required=True, type=Path,
                         help="slices root holding sub-<p>/coco.json (results/slices)")
     parser.add_argument("--out", required=True, type=Path, help="split folder, e.g. results/split")

@@ -55,6 +55,7 @@ from spinedet.demo.rendering import (
     render_series,
     rotation_matrix,
 )
+from spinedet.demo.faults import FAULT_COLUMNS, LINKED_STORAGE, write_faults
 from spinedet.demo.truth import PatientResult, write_truth
 from spinedet.io import write_csv
 
@@ -290,6 +291,9 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
               ["patient_id", "group"])
     write_truth(out / "truth", results)
     write_demo_key(out / DEMO_KEY_FILE, seed)
+    # No faults in a clean export; `--faults` (spinedet.demo.faults) adds them.
+    write_csv(out / "faults.csv", [], FAULT_COLUMNS)
+    (out / LINKED_STORAGE).mkdir(exist_ok=True)
     if preview is not None:
         write_preview(results, Path(preview))
 
@@ -324,14 +328,18 @@ def _synthesize_job(job: dict) -> PatientResult:
 # CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from spinedet.config import add_config_argument
+
     parser.add_argument("--out", required=True, type=Path,
                         help="export root (DICOM/, annotations.csv, cohort.csv, truth/, pseudonym.key)")
     parser.add_argument("--patients", required=True, type=int, help="number of patients")
     parser.add_argument("--matrix", type=int, default=256, help="in-plane matrix of the sagittal T2 (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
     parser.add_argument("--preview", type=Path, default=None, help="write a PNG montage of mid-sagittal slices with boxes")
-    parser.add_argument("--config", nargs="+", default=None, help="config file(s); classes and groups are read from it")
+    add_config_argument(parser, required=False)
     parser.add_argument("--workers", type=int, default=1, help="patients written in parallel (same files for any count)")
+    parser.add_argument("--faults", action="store_true",
+                        help="also write the fault corpus (DICOM/FAULTS/, listed in faults.csv)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -344,5 +352,7 @@ def run(args: argparse.Namespace) -> int:
         groups = tuple(config.get("groups", groups))
     summary = synthesize(args.out, args.patients, args.matrix, args.seed, classes=classes, groups=groups,
                          preview=args.preview, workers=args.workers)
+    faults = write_faults(args.out, args.seed, normal_group=groups[2]) if args.faults else []
+    log.info("fault corpus: %d cases (faults.csv)", len(faults))
     log.info("groups: %s; lesions: %s", summary["groups"], summary["lesions"])
     return 0

@@ -47,6 +47,7 @@ from spinedet.data import (
     collate,
     image_size,
     load_coco,
+    pixel_spacing_mm,
     sampling_weights,
     train_transforms,
 )
@@ -62,7 +63,9 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), merged in order")
+    from spinedet.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument("--model", required=True, help="model name: a key of the config's models:")
     parser.add_argument("--train", required=True, help="training split, COCO JSON")
     parser.add_argument("--val", required=True, help="validation split, COCO JSON")
@@ -359,7 +362,8 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def best_weights(model, model_name: str, model_cfg: dict, classes: list[str], size: int, epoch: int, ap50) -> dict:
+def best_weights(model, model_name: str, model_cfg: dict, classes: list[str], size: int, epoch: int, ap50,
+                 spacing_mm: list[float] | None = None) -> dict:
     """The content of best.pt, read back by `spinedet.models.load_trained`."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -367,6 +371,7 @@ def best_weights(model, model_name: str, model_cfg: dict, classes: list[str], si
         "model_config": model_cfg,
         "classes": list(classes),
         "image_size": int(size),
+        "pixel_spacing_mm": spacing_mm,  # median (row, column) of the training slices; predict compares
         "epoch": int(epoch),
         "val_ap50": ap50,
     }
@@ -467,6 +472,7 @@ def train_model(
     if not train_coco["images"]:
         raise SpinedetError(f"{train_json}: the training split has no images")
     size = image_size({"images": train_coco["images"] + val_coco["images"]})
+    spacing = pixel_spacing_mm(train_coco)
 
     train_set, weights = training_set(train_coco, images, model_cfg, classes)
     val_set = CocoSlices(val_coco, images)
@@ -553,7 +559,8 @@ def train_model(
                 improved = ap50 is None or best_ap is None or ap50 > best_ap
                 if improved:
                     best_ap = ap50 if ap50 is not None else best_ap
-                    save_checkpoint(best_weights(model, model_name, model_cfg, classes, size, epoch, ap50), best_path)
+                    save_checkpoint(best_weights(model, model_name, model_cfg, classes, size, epoch, ap50, spacing),
+                                    best_path)
                 save_checkpoint(
                     {
                         **{part: state.state_dict() for part, state in resumable.items()},
