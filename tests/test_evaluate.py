@@ -151,7 +151,8 @@ def test_cli_evaluate_reads_the_study_config(tmp_path, tiny_arch, test_split):
     assert metrics["froc"]["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
     timing_result = json.loads((out / "timing.json").read_text())
     assert timing_result["warmup"] == 0 and timing_result["throughput"][1]["batch_size"] == 3
-    assert json.loads((out / "detections.json").read_text()) is not None
+    detections = json.loads((out / "detections.json").read_text())
+    assert isinstance(detections, list) and all(d["score"] >= 0.05 for d in detections)  # the config's threshold
 
 
 def test_cli_evaluate_missing_weights_is_a_clear_error(tmp_path, test_split, caplog):

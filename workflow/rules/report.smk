@@ -22,6 +22,7 @@ rule report:
             category="Report",
         ),
         config=f"{RESULTS}/report/config.yaml",
+        figures=directory(f"{RESULTS}/report/figures"),
     log:
         f"{LOGS}/report.log",
     benchmark:
