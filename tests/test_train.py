@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,6 +340,29 @@ def test_resume_after_sigterm(blobs, tmp_path, monkeypatch, caplog):
     assert meta["epoch"] in (1, 2, 3) and not model.training
     anchors = json.loads((out / "anchors.json").read_text())
     assert anchors["all"]["boxes"] == 8 and anchors["all"]["fraction_matched"] > 0.9
+
+
+def test_regenerated_slices_under_the_same_coco_files_start_training_over(blobs, tmp_path, monkeypatch, caplog):
+    images = tmp_path / "slices"
+    shutil.copytree(blobs["images"], images)
+    out = tmp_path / "resnet50"
+    real_write_log = train_module.write_log
+
+    def write_log_then_sigterm(rows, path):
+        real_write_log(rows, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "write_log", write_log_then_sigterm)
+    args = dict(model_name="resnet50", train_json=blobs["train"], val_json=blobs["val"], images=images, out=out)
+    assert train_model(config_for(RESNET), **args) == 128 + signal.SIGTERM
+    first = sorted(images.rglob("*.png"))[0]
+    pixels = np.asarray(Image.open(first)).copy()
+    pixels[0, 0] ^= 1  # one pixel changed, the COCO files not
+    Image.fromarray(pixels).save(first)
+    monkeypatch.setattr(train_module, "write_log", real_write_log)
+    with caplog.at_level(logging.INFO, logger="spinedet.train"):
+        assert train_model(config_for(RESNET), **args) == 0
+    assert "another model config or training set: starting from epoch 1" in caplog.text
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):

@@ -362,6 +362,15 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def images_sha256(images: str | Path, *cocos: dict) -> str:
+    """One sha256 over the bytes of every image the COCO datasets name, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted({image["file_name"] for coco in cocos for image in coco["images"]}):
+        digest.update(name.encode())
+        digest.update(hashlib.sha256((Path(images) / name).read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def best_weights(model, model_name: str, model_cfg: dict, classes: list[str], size: int, epoch: int, ap50,
                  spacing_mm: list[float] | None = None) -> dict:
     """The content of best.pt, read back by `spinedet.models.load_trained`."""
@@ -512,6 +521,8 @@ def train_model(
         "seed": seed,
         "train_sha256": file_sha256(train_json),
         "val_sha256": file_sha256(val_json),
+        # regenerated slices under unchanged COCO files must not resume stale training
+        "slices_sha256": images_sha256(images, train_coco, val_coco),
     }
     checkpoint_path, best_path, log_path = (state_dir / name for name in ("checkpoint.pt", "best.pt", "train_log.csv"))
     # What a checkpoint restores, besides the epoch, RNG states and log rows.
