@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,48 @@ def test_every_file_under_results_is_a_declared_output(smoke_study):
             undeclared.append(str(path.relative_to(smoke_study)))
     assert undeclared == []
     assert any(p.name == "slices" for p in declared) and any(p.name == "figures" for p in declared)
+
+
+def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(smoke_study, tmp_path):
+    """kill -9 of the training process mid-run, as an OOM killer or a node failure
+    would: the same command again finishes the study, and training resumes from
+    its last epoch's checkpoint instead of starting over."""
+    import shutil
+    import signal
+    import time
+
+    workdir = tmp_path / "study"
+    shutil.copytree(smoke_study, workdir, symlinks=True)
+    paths = yaml.safe_load((workdir / "paths.yaml").read_text())
+    paths = {key: value.replace(str(smoke_study), str(workdir)) if isinstance(value, str) else value
+             for key, value in paths.items()}
+    paths["demo"] = {"out": str(workdir / "export")}
+    paths["models"] = {"resnet50": {"epochs": 12}}  # long enough to be killed between two epochs
+    (workdir / "paths.yaml").write_text(yaml.safe_dump(paths))
+    for done in ("models/resnet50", "eval/resnet50", "report"):  # train it again, from scratch
+        shutil.rmtree(workdir / "results" / done)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--cores", "2", "--configfile", str(REPO / "config.yaml"), str(REPO / "config" / "smoke.yaml"),
+               str(workdir / "paths.yaml")]
+    study = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train_log = workdir / "results" / "models" / "resnet50" / "state" / "train_log.csv"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and study.poll() is None:
+        if train_log.is_file() and len(train_log.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.2)
+    trainer = subprocess.run(["pgrep", "-f", f"spinedet train .*{workdir}"], capture_output=True, text=True)
+    assert study.poll() is None and trainer.stdout.split(), "training finished before it could be killed"
+    for pid in trainer.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    assert study.wait(timeout=120) != 0
+    assert not (workdir / "results" / "models" / "resnet50" / "best.pt").exists()  # no partial output
+
+    rerun = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = (workdir / "logs" / "train" / "resnet50.log").read_text()
+    resumed = re.search(r"resuming from \S+: epoch (\d+) of 12", log)
+    assert resumed and int(resumed.group(1)) >= 3, log[-2000:]
+    rows = read_rows(workdir / "results" / "models" / "resnet50" / "train_log.csv")
+    assert [int(row["epoch"]) for row in rows] == list(range(1, 13))
