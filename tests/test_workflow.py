@@ -8,8 +8,11 @@ import csv
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ import yaml
 
 from browser import CHROMIUM, chromium, parse
 from phi import collect_phi, scan_tree
+
+from spinedet.io import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["resnet50", "vgg16"]
@@ -115,24 +120,17 @@ def test_a_config_change_reruns_exactly_the_rules_that_read_it(smoke_study, tmp_
         assert jobs_to_run(run) == expected
 
 
-def read_rows(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def test_every_fault_of_the_corpus_ends_where_it_should(smoke_study):
     """The smoke export carries the fault corpus (config/smoke.yaml demo.faults):
     each case is quarantined with its reason, or processed where it can be."""
-    from spinedet.demo.faults import read_faults
-
-    faults = read_faults(smoke_study / "export")
+    faults = read_csv(smoke_study / "export" / "faults.csv")
     assert {f["kind"] for f in faults} == {"file", "patient", "annotation"} and len(faults) >= 30
     raw = smoke_study / "export" / "DICOM"
     restricted = smoke_study / "restricted"
-    files = {row["path"]: row for row in read_rows(restricted / "inventory" / "files.csv")}
-    selection = {row["patient_id"]: row for row in read_rows(restricted / "inventory" / "selection.csv")}
-    conversions = {row["patient_id"]: row for row in read_rows(restricted / "convert" / "conversions.csv")}
-    issues = {row["row"]: row for row in read_rows(smoke_study / "results" / "deid" / "annotation_issues.csv")}
+    files = {row["path"]: row for row in read_csv(restricted / "inventory" / "files.csv")}
+    selection = {row["patient_id"]: row for row in read_csv(restricted / "inventory" / "selection.csv")}
+    conversions = {row["patient_id"]: row for row in read_csv(restricted / "convert" / "conversions.csv")}
+    issues = {row["row"]: row for row in read_csv(smoke_study / "results" / "deid" / "annotation_issues.csv")}
     wrong = []
     for fault in faults:
         expected = (fault["expect_status"], fault["expect_reason"])
@@ -177,10 +175,6 @@ def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(s
     """kill -9 of the training process mid-run, as an OOM killer or a node failure
     would: the same command again finishes the study, and training resumes from
     its last epoch's checkpoint instead of starting over."""
-    import shutil
-    import signal
-    import time
-
     workdir = tmp_path / "study"
     shutil.copytree(smoke_study, workdir, symlinks=True)
     paths = yaml.safe_load((workdir / "paths.yaml").read_text())
@@ -214,5 +208,5 @@ def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(s
     log = (workdir / "logs" / "train" / "resnet50.log").read_text()
     resumed = re.search(r"resuming from \S+: epoch (\d+) of 12", log)
     assert resumed and int(resumed.group(1)) >= 3, log[-2000:]
-    rows = read_rows(workdir / "results" / "models" / "resnet50" / "train_log.csv")
+    rows = read_csv(workdir / "results" / "models" / "resnet50" / "train_log.csv")
     assert [int(row["epoch"]) for row in rows] == list(range(1, 13))

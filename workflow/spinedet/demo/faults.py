@@ -18,7 +18,6 @@ The same export and seed give the same files.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import shutil
@@ -321,7 +320,3 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
     write_csv(export / "faults.csv", faults, FAULT_COLUMNS)
     return faults
 
-
-def read_faults(export: Path) -> list[dict]:
-    with (Path(export) / "faults.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
