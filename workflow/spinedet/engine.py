@@ -22,16 +22,18 @@ def set_score_threshold(model: torch.nn.Module, score_threshold: float) -> None:
         roi_heads.score_thresh = float(score_threshold)
 
 
-def precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast on CUDA, nothing on the CPU: the precision of every forward pass."""
-    return torch.autocast(device_type="cuda", enabled=device.type == "cuda")
+def precision(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
+    """Autocast on CUDA, nothing on the CPU: the precision of every forward pass
+    (`amp=False` forces fp32 on CUDA too, to check AMP against it)."""
+    return torch.autocast(device_type="cuda", enabled=amp and device.type == "cuda")
 
 
 @torch.inference_mode()
-def infer(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device) -> list[dict]:
+def infer(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device,
+          amp: bool = True) -> list[dict]:
     """torchvision detections (boxes xyxy, labels, scores) for a list of [C, H, W] images."""
     model.eval()
-    with precision(device):
+    with precision(device, amp):
         outputs = model([image.to(device) for image in images])
     return [{key: (value.float() if value.is_floating_point() else value).cpu() for key, value in output.items()}
             for output in outputs]

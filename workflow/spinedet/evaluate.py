@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshold: float,
-           warmup: int = 0) -> tuple[list[dict], dict]:
+           warmup: int = 0, amp: bool = True) -> tuple[list[dict], dict]:
     """Detections on every image of a spinedet.data.CocoSlices dataset, and the
     latency of each step after the first `warmup` images: `model` (the network,
     with its copies to and from the device) and `end_to_end` (read the PNG to
@@ -57,7 +57,7 @@ def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshol
             start = time.perf_counter()
             image = dataset.read_image(index)
             model_start = time.perf_counter()
-            output = engine.infer(model, [image], device)[0]  # ends with .cpu(): synchronised
+            output = engine.infer(model, [image], device, amp)[0]  # ends with .cpu(): synchronised
             model_end = time.perf_counter()
             detections += engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
             if index >= warmup:
@@ -77,7 +77,8 @@ def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshol
 
 
 @torch.inference_mode()
-def batch_throughput(model: torch.nn.Module, dataset, device: torch.device, timing_config: dict) -> dict:
+def batch_throughput(model: torch.nn.Module, dataset, device: torch.device, timing_config: dict,
+                     amp: bool = True) -> dict:
     """Images per second at timing_config['batch_size'] (slices of the test set in
     memory), over `iterations` timed batches after `warmup` untimed ones."""
     warmup, iterations = int(timing_config["warmup"]), int(timing_config["iterations"])
@@ -87,7 +88,7 @@ def batch_throughput(model: torch.nn.Module, dataset, device: torch.device, timi
 
     def batch(i: int):
         start = i * batch_size
-        with engine.precision(device):
+        with engine.precision(device, amp):
             return model([on_device[(start + j) % len(on_device)] for j in range(batch_size)])
 
     with timing_lib.MachineLoad() as load:

@@ -1,0 +1,97 @@
+"""benchmarks/gpu_check.py on the CPU (`--device cpu --quick`): the script a
+developer runs the moment a GPU is lent must work there the first time."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["disc_herniation", "cord_injury"]
+SIZE = 96
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_split(root: Path) -> None:
+    """slices/ and split/{train,val,test}.json: eight 96 px slices of four patients, a bright box on most."""
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for image_id in range(1, 9):
+        patient = f"p{(image_id - 1) // 2}"
+        name = f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png"
+        pixels = rng.integers(0, 60, (SIZE, SIZE), dtype=np.uint8)
+        if image_id % 4:
+            pixels[30:44, 20:40] = 220
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
+                                "bbox": [20, 30, 20, 14], "area": 280, "iscrowd": 0})
+        (root / "slices" / f"sub-{patient}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "slices" / name)
+        images.append({"id": image_id, "file_name": name, "width": SIZE, "height": SIZE,
+                       "patient": patient, "group": "disc", "slice_index": image_id})
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+    (root / "split").mkdir()
+    for split in ("train", "val", "test"):
+        (root / "split" / f"{split}.json").write_text(json.dumps(coco))
+
+
+def test_gpu_check_runs_on_the_cpu_and_writes_every_number(tmp_path):
+    """The whole device command (gpu_check.sh with QUICK=1): the check's JSON, then the verbs."""
+    write_split(tmp_path / "data")
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no_wheels")}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), str(tmp_path / "data")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "gpu_check.json", "gpu_check.log", "verb_metrics.json", "verb_timing.json", "verb_train_log.csv", "verbs.log"]
+
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["hardware"]["device"] == "cpu" and report["quick"] is True
+    assert set(report["models"]) == {"resnet50", "vgg16"}
+    for name, result in report["models"].items():
+        assert "error" not in result, result
+        assert result["image_px"] == SIZE
+        assert result["training"]["iterations"] == 2 and result["training"]["amp"] is False
+        assert result["training"]["grad_scale"] is None  # GradScaler is off on the CPU
+        assert result["train_step_whole_slices"]["iterations"] == 1
+        assert result["test_images"] == 4
+        for precision in ("amp", "fp32"):
+            assert result[precision]["batch_1"]["latency_s"]["n"] == 3  # 4 test images, 1 warm-up
+            assert result[precision]["batch_2"]["batch_seconds"]["n"] == 2
+            ap50 = result[precision]["ap50"]
+            assert ap50 is None or 0.0 <= ap50 <= 1.0
+        # autocast is CUDA-only: on the CPU both passes are the same fp32 network
+        assert result["amp"]["detections"] == result["fp32"]["detections"]
+        assert result["ap50_amp_minus_fp32"] in (None, 0.0)
+        assert result["paper_s_per_image"] == {"resnet50": 0.22, "vgg16": 0.24}[name]
+        assert result["times_faster_than_paper"] > 0
+    assert report["goal"]["met"] in (True, False)
+
+    train_log = (out / "verb_train_log.csv").read_text().splitlines()
+    assert train_log[0].startswith("epoch,") and len(train_log) == 3  # two epochs
+    verb_timing = json.loads((out / "verb_timing.json").read_text())
+    assert verb_timing["device"] == "cpu" and verb_timing["latency_s"]["model"]["n"] == 7  # 8 test images
+    assert json.loads((out / "verb_metrics.json").read_text())["model"] == "resnet50"
+
+
+def test_gpu_check_without_data_says_how_to_make_it(tmp_path):
+    import pytest
+
+    from spinedet import SpinedetError
+
+    with pytest.raises(SpinedetError, match="--build"):
+        load_gpu_check().main(["--device", "cpu", "--quick", "--data", str(tmp_path), "--out", str(tmp_path / "x")])
