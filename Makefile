@@ -33,5 +33,5 @@ lint: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
 
 clean:
-	rm -rf results/* restricted logs .snakemake resources/demo_export resources/smoke_export
+	rm -rf results/* restricted .snakemake resources/demo_export resources/smoke_export
 	touch results/.gitkeep

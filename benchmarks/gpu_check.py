@@ -24,7 +24,6 @@ and on a CPU, the same path in a minute (what the tests run):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys

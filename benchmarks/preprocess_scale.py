@@ -74,7 +74,7 @@ def measure(patients: int, cores: int, work: Path) -> dict:
     configs = ["--configfile", str(REPO / "config.yaml"), str(overrides)]
     dag = run([*snakemake, "-n", *configs], folder)
     wall = run([*snakemake, str(folder / "results" / "split" / "train.json"), *configs], folder)
-    stages = {stage: benchmark_row(folder / "benchmarks" / "rules" / f"{stage}.tsv") for stage in STAGES}
+    stages = {stage: benchmark_row(folder / "results" / "benchmarks" / f"{stage}.tsv") for stage in STAGES}
     stage_seconds = sum(s["s"] for s in stages.values())
     return {
         "patients": patients,

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from spinedet.data import LesionCrop, sampling_weights
+import numpy as np
+from PIL import Image
+
+from spinedet import SpinedetError
+from spinedet.data import CocoSlices, LesionCrop, sampling_weights
 
 
 def boxes(*rows):
@@ -66,3 +70,14 @@ def test_sampling_weights_without_negatives_or_boxes():
                                                                {"image_id": 2, "category_id": 1}]}
     assert sampling_weights(coco, 0.2) == pytest.approx([0.5, 0.5])
     assert sampling_weights({"images": [{"id": 1}], "annotations": []}, 0.2) == [1.0]
+
+
+def test_a_missing_slice_image_is_named_with_the_command_that_regenerates_it(tmp_path):
+    images = [{"id": k, "file_name": f"sub-a/sub-a_slice-0{k}.png", "width": 8, "height": 8} for k in (1, 2, 3)]
+    (tmp_path / "sub-a").mkdir()
+    for image in images[:2]:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / image["file_name"])
+    coco = {"images": images, "annotations": [], "categories": []}
+    assert len(CocoSlices({**coco, "images": images[:2]}, tmp_path)) == 2
+    with pytest.raises(SpinedetError, match=r"1 of the 3 slice images .*sub-a/sub-a_slice-03.png.*--forcerun slices"):
+        CocoSlices(coco, tmp_path)

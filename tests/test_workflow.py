@@ -62,7 +62,7 @@ def test_report_has_a_row_per_model(smoke_study):
 def test_no_phi_outside_restricted(smoke_study):
     phi = collect_phi(smoke_study / "export" / "DICOM")
     assert len(phi) > 50
-    leaks = [str(hit) for root in ("results", "logs", "benchmarks") for hit in scan_tree(smoke_study / root, phi)]
+    leaks = [str(hit) for hit in scan_tree(smoke_study / "results", phi)]  # logs/ included
     assert leaks == []
     # The same scan finds identity where it is allowed to be: it works.
     assert scan_tree(smoke_study / "restricted", phi)
@@ -155,11 +155,18 @@ def test_every_fault_of_the_corpus_ends_where_it_should(smoke_study):
 
 def test_every_file_under_results_is_a_declared_output(smoke_study):
     """Snakemake sees the whole data flow: each file is an output of a rule or
-    lies in a directory() output. The one exception is training's resume state
-    (models/*/state/), which Snakemake must not delete when a preempted job reruns."""
+    lies in a directory() output, or is a rule's declared log or benchmark
+    (results/logs/, results/benchmarks/: what a forced dry run names). The one
+    exception is training's resume state (models/*/state/), which Snakemake must
+    not delete when a preempted job reruns."""
     run = snakemake(smoke_study, "--summary")
     assert run.returncode == 0, run.stderr[-3000:]
     declared = [Path(line.split("\t")[0]) for line in run.stdout.splitlines()[1:] if line.strip()]
+    every_job = snakemake(smoke_study, "--dry-run", "--forceall")
+    assert every_job.returncode == 0, every_job.stderr[-3000:]
+    declared += [Path(line.split(":", 1)[1].strip()) for line in (every_job.stdout + every_job.stderr).splitlines()
+                 if line.strip().startswith(("log:", "benchmark:"))]
+    assert any(path.parent.name == "logs" for path in declared)
     declared = {path if path.is_absolute() else smoke_study / path for path in declared}
     undeclared = []
     for path in sorted((smoke_study / "results").rglob("*")):
@@ -205,7 +212,7 @@ def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(s
 
     rerun = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1200)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    log = (workdir / "logs" / "train" / "resnet50.log").read_text()
+    log = (workdir / "results" / "logs" / "train" / "resnet50.log").read_text()
     resumed = re.search(r"resuming from \S+: epoch (\d+) of 12", log)
     assert resumed and int(resumed.group(1)) >= 3, log[-2000:]
     rows = read_csv(workdir / "results" / "models" / "resnet50" / "train_log.csv")

@@ -4,8 +4,10 @@ from pathlib import Path
 RESULTS = config["results"]
 RESTRICTED = config["restricted"]
 MODELS = list(config["models"])
-LOGS = "logs"
-BENCH = "benchmarks/rules"
+# Logs and rule benchmarks live with the results they belong to: two studies
+# with different `results:` never share them.
+LOGS = f"{RESULTS}/logs"
+BENCH = f"{RESULTS}/benchmarks"
 
 
 

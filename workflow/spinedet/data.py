@@ -89,6 +89,13 @@ class CocoSlices(torch.utils.data.Dataset):
             raise SpinedetError(f"image folder not found: {self.image_root}")
         self.transforms = transforms
         self.images = sorted(self.coco["images"], key=lambda img: img["id"])
+        missing = [img["file_name"] for img in self.images if not (self.image_root / img["file_name"]).is_file()]
+        if missing:
+            # Snakemake (7.7 and later) does not remake a file deleted from a finished
+            # output while the files made from it are up to date: say how.
+            raise SpinedetError(
+                f"{len(missing)} of the {len(self.images)} slice images the COCO file names are missing from "
+                f"{self.image_root} (first: {missing[0]}); regenerate them with `snakemake --forcerun slices`")
         self.boxes_by_image: dict[int, list[dict]] = {img["id"]: [] for img in self.images}
         for ann in self.coco["annotations"]:
             if ann["image_id"] not in self.boxes_by_image:

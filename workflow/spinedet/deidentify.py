@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import hashlib
 import hmac
@@ -39,7 +38,7 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError
 from spinedet.geometry import GeometryError, pixel_box_to_voxel_box, volume_slice_axis
-from spinedet.io import read_csv, write_bytes, write_csv, write_json
+from spinedet.io import read_csv, read_table, write_bytes, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +273,14 @@ def _instance_number(value: str) -> str:
 def read_annotations(path: Path) -> list[tuple[int, dict]]:
     """(line number in the file, row) for every annotation; the header is line 1."""
     path = Path(path)
-    if not path.is_file():
-        raise SpinedetError(f"annotations file not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        needed = {"series_uid", "label", *ANNOTATION_COORDINATES}
-        missing = needed - columns
-        if missing or not columns & {"sop_instance_uid", "instance_number"}:
-            what = ", ".join(sorted(missing)) or "sop_instance_uid or instance_number"
-            raise SpinedetError(f"{path}: missing column(s) {what}")
-        return [(reader.line_num, row) for row in reader]
+    table = read_table(path, "annotations file")
+    columns = set(table.columns)
+    needed = {"series_uid", "label", *ANNOTATION_COORDINATES}
+    missing = needed - columns
+    if missing or not columns & {"sop_instance_uid", "instance_number"}:
+        what = ", ".join(sorted(missing)) or "sop_instance_uid or instance_number"
+        raise SpinedetError(f"{path}: missing column(s) {what}")
+    return list(enumerate(table.to_dict(orient="records"), start=2))
 
 
 def map_annotation(annotation: dict, instances: InstanceIndex, volumes: dict[str, dict],

@@ -14,7 +14,6 @@ belongs in restricted/; `--summary` holds PHI-free counts only.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import re
 from collections import Counter, defaultdict
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError
 from spinedet.dicom import build_series, is_target, quarantine_row, read_file, series_number_key, walk_export
-from spinedet.io import write_csv, write_json
+from spinedet.io import read_table, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +86,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_cohort(path: Path, groups: list[str]) -> dict[str, str]:
     """cohort.csv as {patient_id: group}, in file order; errors name the line, not the patient."""
     path = Path(path)
-    if not path.is_file():
-        raise SpinedetError(f"cohort file not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"patient_id", "group"} - set(reader.fieldnames or [])
-        if missing:
-            raise SpinedetError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        cohort: dict[str, str] = {}
-        for line, record in enumerate(reader, start=2):
-            patient_id = (record["patient_id"] or "").strip()
-            group = (record["group"] or "").strip()
-            if not patient_id:
-                raise SpinedetError(f"{path} line {line}: empty patient_id")
-            if group not in groups:
-                raise SpinedetError(f"{path} line {line}: group {group!r} is not one of the config's "
-                                    f"groups {groups}")
-            if patient_id in cohort:
-                raise SpinedetError(f"{path} line {line}: this patient_id is listed twice")
-            cohort[patient_id] = group
+    table = read_table(path, "cohort file")
+    missing = {"patient_id", "group"} - set(table.columns)
+    if missing:
+        raise SpinedetError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    cohort: dict[str, str] = {}
+    for line, record in enumerate(table.to_dict(orient="records"), start=2):
+        patient_id = record["patient_id"].strip()
+        group = record["group"].strip()
+        if not patient_id:
+            raise SpinedetError(f"{path} line {line}: empty patient_id")
+        if group not in groups:
+            raise SpinedetError(f"{path} line {line}: group {group!r} is not one of the config's "
+                                f"groups {groups}")
+        if patient_id in cohort:
+            raise SpinedetError(f"{path} line {line}: this patient_id is listed twice")
+        cohort[patient_id] = group
     return cohort
 
 

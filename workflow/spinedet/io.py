@@ -7,13 +7,13 @@ interrupted job, sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+import pandas as pd
 
 from spinedet import SpinedetError
 
@@ -52,23 +52,30 @@ def read_json(path: str | Path):
 
 def write_csv(path: str | Path, rows: list[dict], columns: list[str], *, none_as: str | None = None) -> None:
     """One row per dict, in `columns` order; other keys are left out.
-    `none_as` writes that text for None values (csv writes "" by default)."""
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        if none_as is not None:
-            row = {key: none_as if value is None else value for key, value in row.items()}
-        writer.writerow(row)
-    write_text(path, buffer.getvalue())
+    None (and a missing key) is written as `none_as`, "" by default."""
+    # object dtype: each value is written as str() gives it (1 stays 1, not 1.0)
+    table = pd.DataFrame([[row.get(column) for column in columns] for row in rows], columns=columns, dtype=object)
+    write_text(path, table.to_csv(index=False, lineterminator="\n", na_rep=none_as or ""))
+
+
+def read_table(path: str | Path, what: str = "file") -> pd.DataFrame:
+    """A CSV as a table of strings: "" for an empty or missing cell, a leading
+    byte-order mark (Excel's "CSV UTF-8") ignored. Row i is line i + 2 of the
+    file when no cell spans lines and no line is blank."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpinedetError(f"{what} not found: {path}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig").fillna("")
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SpinedetError(f"{path} is not a readable CSV file ({exc})") from None
 
 
 def read_csv(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise SpinedetError(f"file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    """Every row as a dict of strings, in file order (see read_table)."""
+    return read_table(path).to_dict(orient="records")
 
 
 def copy_file(source: str | Path, target: str | Path) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from spinedet import SpinedetError
-from spinedet.io import write_csv
+from spinedet.io import read_csv, write_csv
 
 @dataclass
 class PatientResult:
@@ -72,17 +71,16 @@ def load_truth(root: Path) -> dict[str, CaseTruth]:
     if not cases_csv.is_file():
         raise SpinedetError(f"no truth in {truth_dir} (cases.csv missing)")
     truths = {}
-    with cases_csv.open() as fh:
-        for row in csv.DictReader(fh):
-            with np.load(truth_dir / f"{row['case']}.npz") as data:
-                truths[row["patient_id"]] = CaseTruth(
-                    case=row["case"], patient_id=row["patient_id"], group=row["group"],
-                    study_uid=str(data["study_uid"]), series_uid=str(data["series_uid"]),
-                    labels=[str(v) for v in data["labels"]], kinds=[str(v) for v in data["kinds"]],
-                    levels=[str(v) for v in data["levels"]], masks=data["masks"],
-                    instance_numbers=data["instance_numbers"],
-                    sop_instance_uids=[str(v) for v in data["sop_instance_uids"]],
-                    ipp_first=data["ipp_first"], iop=data["iop"], pixel_spacing=data["pixel_spacing"],
-                    slice_step=float(data["slice_step"]),
-                )
+    for row in read_csv(cases_csv):
+        with np.load(truth_dir / f"{row['case']}.npz") as data:
+            truths[row["patient_id"]] = CaseTruth(
+                case=row["case"], patient_id=row["patient_id"], group=row["group"],
+                study_uid=str(data["study_uid"]), series_uid=str(data["series_uid"]),
+                labels=[str(v) for v in data["labels"]], kinds=[str(v) for v in data["kinds"]],
+                levels=[str(v) for v in data["levels"]], masks=data["masks"],
+                instance_numbers=data["instance_numbers"],
+                sop_instance_uids=[str(v) for v in data["sop_instance_uids"]],
+                ipp_first=data["ipp_first"], iop=data["iop"], pixel_spacing=data["pixel_spacing"],
+                slice_step=float(data["slice_step"]),
+            )
     return truths
