@@ -40,6 +40,7 @@ include: "workflow/rules/slices.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/compare.smk"
 include: "workflow/rules/report.smk"
 
 

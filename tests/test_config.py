@@ -324,6 +324,7 @@ def test_each_verb_gets_exactly_its_config_sections_and_parsing_writes_nothing(t
         "train[vgg16]": ["classes", "models", "seed", "train"],
         "evaluate[resnet50]": ["classes", "evaluate", "models", "seed", "train"],
         "evaluate[vgg16]": ["classes", "evaluate", "models", "seed", "train"],
+        "compare": ["classes", "compare", "evaluate", "seed"],
         "report": sorted(set(load([REPO / "config.yaml"])) - {"resources"}),
     }
     resnet50 = commands["train[resnet50]"]["models"]

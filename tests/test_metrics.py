@@ -206,7 +206,8 @@ def test_bootstrap_with_no_draws_gives_no_interval(referee_fixture):
     gt, detections = referee_fixture
     matches = metrics.match_detections(gt, detections, CLASSES, 0.5)
     result = metrics.bootstrap_ap50(matches, metrics.patient_image_indices(gt, matches.image_ids), draws=0, seed=1)
-    assert result["ap50"] == {"low": None, "high": None, "valid_draws": 0}
+    assert result["ap50"] == {"low": None, "high": None, "valid_draws": 0, "estimable": False,
+                              "reason": "no bootstrap draws", "boxes": 8, "patients": 3}
 
 
 def test_bootstrap_requires_patient_on_images(referee_fixture):
@@ -278,7 +279,9 @@ def test_no_detections_scores_zero_for_classes_with_ground_truth(froc_fixture):
     assert result["ap50"] == 0.0
     assert result["ap50_per_class"] == {"disc_herniation": 0.0, "cord_injury": 0.0}
     assert result["cpm"] == 0.0
-    assert result["bootstrap"]["ap50"]["high"] == 0.0
+    # two patients with lesions: too few for a patient bootstrap
+    assert result["bootstrap"]["ap50"] | {"reason": ""} == {
+        "low": None, "high": None, "valid_draws": 10, "estimable": False, "reason": "", "boxes": 4, "patients": 2}
 
 
 def test_evaluate_detections_body(referee_fixture):
@@ -303,3 +306,163 @@ def test_detection_on_unknown_image_is_an_error(referee_fixture):
     gt, detections = referee_fixture
     with pytest.raises(SpinedetError, match="image 99"):
         metrics.match_detections(gt, detections + [det(99, 1, [0, 0, 1, 1], 0.5)], CLASSES, 0.5)
+
+
+# ---------------------------------------------------------------- PASCAL VOC AP
+
+
+def devkit_voc_ap(gt_boxes: dict, detections: list[tuple[int, float, list[float]]], eleven_point: bool) -> float:
+    """An independent transcription of the PASCAL VOC devkit's voc_eval/voc_ap
+    (one class): detections sorted by score over all images, each matched to
+    its image's best-overlap box, TP when IoU > 0.5 and the box is unclaimed.
+    Continuous boxes [x, y, w, h] (no +1 pixel), plain loops."""
+    claimed = {image: [False] * len(boxes) for image, boxes in gt_boxes.items()}
+    n_gt = sum(len(boxes) for boxes in gt_boxes.values())
+    tp, fp = [], []
+    # ties: image order (the devkit's unstable argsort leaves them arbitrary)
+    for image, _score, (x, y, w, h) in sorted(detections, key=lambda d: (-d[1], d[0])):
+        best, best_index = -1.0, -1
+        for index, (gx, gy, gw, gh) in enumerate(gt_boxes.get(image, [])):
+            iw = min(x + w, gx + gw) - max(x, gx)
+            ih = min(y + h, gy + gh) - max(y, gy)
+            inter = max(iw, 0.0) * max(ih, 0.0)
+            overlap = inter / (w * h + gw * gh - inter)
+            if overlap > best:
+                best, best_index = overlap, index
+        hit = best > 0.5 and not claimed[image][best_index]
+        if hit:
+            claimed[image][best_index] = True
+        tp.append(1.0 if hit else 0.0)
+        fp.append(0.0 if hit else 1.0)
+    tp_sum = np.cumsum(tp)
+    fp_sum = np.cumsum(fp)
+    rec = tp_sum / n_gt
+    prec = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(np.float64).eps)
+    if eleven_point:
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            p = 0.0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+            ap += p / 11.0
+        return ap
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 1, 0, -1):
+        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def test_voc_ap_hand_computed():
+    # 3 lesions; by score: TP, FP, TP, FP, TP -> recall 1/3, 1/3, 2/3, 2/3, 1; precision 1, 1/2, 2/3, 1/2, 3/5
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    is_tp = np.array([True, False, True, False, True])
+    # all-point: 1/3 * 1 + 1/3 * 2/3 + 1/3 * 3/5
+    assert metrics.voc_average_precision(scores, is_tp, 3, eleven_point=False) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    # 11-point: recall >= 0, .1, .2, .3 -> 1; .4, .5, .6 -> 2/3; .7 ... 1 -> 3/5
+    assert metrics.voc_average_precision(scores, is_tp, 3, eleven_point=True) == pytest.approx(
+        (4 * 1 + 3 * 2 / 3 + 4 * 3 / 5) / 11)
+    assert metrics.voc_average_precision(scores, is_tp, 0, eleven_point=True) is None
+    assert metrics.voc_average_precision(np.zeros(0), np.zeros(0, bool), 2, eleven_point=False) == 0.0
+
+
+def test_voc_matching_takes_only_the_best_overlap_box_and_iou_above_half():
+    gt = np.array([[0, 0, 10, 10], [4, 0, 10, 10]], dtype=float)
+    # best overlap is box 1 (IoU 1), already claimed by the first detection: FP,
+    # although box 0 overlaps it by IoU 6/14 < 0.5 anyway; the third is box 0 exactly.
+    dets = np.array([[4, 0, 10, 10], [4, 0, 10, 10], [0, 0, 10, 10]], dtype=float)
+    _, tp = metrics.match_image_voc(gt, dets, np.array([0.9, 0.8, 0.7]))
+    assert tp.tolist() == [True, False, True]
+    # IoU exactly 0.5 counts for COCO (>=), not for VOC (>)
+    half = np.array([[0, 0, 10, 10]], dtype=float)
+    shifted = np.array([[0, 0, 10, 5]], dtype=float)  # IoU 50/100
+    assert metrics.match_image_voc(half, shifted, np.array([1.0]))[1].tolist() == [False]
+    assert metrics.match_image(half, shifted, np.array([1.0]), 0.5)[1].tolist() == [True]
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_voc_ap50_equals_an_independent_devkit_transcription(seed):
+    gt, detections = random_fixture(seed)
+    result = metrics.voc_ap50(metrics.match_detections(gt, detections, CLASSES, 0.5, max_dets=None, style="voc"))
+    for k, name in enumerate(CLASSES):
+        boxes: dict = {}
+        for ann in gt["annotations"]:
+            if ann["category_id"] == k + 1:
+                boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
+        dets = [(d["image_id"], d["score"], d["bbox"]) for d in detections if d["category_id"] == k + 1]
+        assert result["voc07_11point"]["per_class"][name] == pytest.approx(devkit_voc_ap(boxes, dets, True), abs=1e-12)
+        assert result["voc10_all_point"]["per_class"][name] == pytest.approx(devkit_voc_ap(boxes, dets, False),
+                                                                             abs=1e-12)
+    assert result["voc10_all_point"]["map"] == pytest.approx(np.mean(list(result["voc10_all_point"]["per_class"].values())))
+
+
+# ---------------------------------------------------------------- paired comparison
+
+
+def ap_matches(gt: dict, detections: list[dict]) -> metrics.Matches:
+    return metrics.match_detections(gt, detections, CLASSES, 0.5)
+
+
+def test_identical_models_differ_by_zero_with_p_one():
+    gt, detections = random_fixture(5)
+    matches = ap_matches(gt, detections)
+    by_patient = metrics.patient_image_indices(gt, matches.image_ids)
+    result = metrics.paired_comparison(matches, matches, by_patient, draws=50, permutations=200, seed=1)
+    assert result["delta"] == 0.0 and result["ci95"] == [0.0, 0.0] and result["p_value"] == 1.0
+    assert result["n_patients"] == 12 and result["exact_permutation"] is False
+    for name in CLASSES:
+        assert result["per_class"][name]["delta"] == 0.0 and result["per_class"][name]["p_value"] == 1.0
+
+
+def perfect_and_blind(patients: int):
+    """One lesion per patient; model a finds each exactly, model b only misses."""
+    gt = make_coco([(p + 1, f"p{p:02d}") for p in range(patients)],
+                   [(p + 1, 1, [10, 10, 20, 20]) for p in range(patients)])
+    found = [det(p + 1, 1, [10, 10, 20, 20], 0.9) for p in range(patients)]
+    missed = [det(p + 1, 1, [60, 60, 20, 20], 0.9) for p in range(patients)]
+    return gt, ap_matches(gt, found), ap_matches(gt, missed)
+
+
+def test_a_model_that_finds_every_lesion_beats_one_that_finds_none():
+    gt, a, b = perfect_and_blind(12)
+    by_patient = metrics.patient_image_indices(gt, a.image_ids)
+    result = metrics.paired_comparison(a, b, by_patient, draws=200, permutations=2000, seed=1)
+    assert result["ap50_a"] == 1.0 and result["ap50_b"] == 0.0 and result["delta"] == 1.0
+    assert result["p_value"] < 0.01
+    assert result["ci95"] == [1.0, 1.0]
+    assert result["per_class"]["cord_injury"]["delta"] is None  # no ground truth of that class
+    reverse = metrics.paired_comparison(b, a, by_patient, draws=200, permutations=2000, seed=1)
+    assert reverse["delta"] == -1.0 and reverse["p_value"] == result["p_value"]
+
+
+def test_few_patients_enumerate_every_swap_exactly():
+    gt, a, b = perfect_and_blind(4)
+    by_patient = metrics.patient_image_indices(gt, a.image_ids)
+    result = metrics.paired_comparison(a, b, by_patient, draws=20, permutations=100, seed=1)
+    # 16 swaps; only "none" and "all" reach |delta| = 1
+    assert result["exact_permutation"] is True and result["permutations"] == 16
+    assert result["p_value"] == pytest.approx(2 / 16)
+
+
+def test_paired_comparison_refuses_different_test_sets():
+    gt, a, _ = perfect_and_blind(4)
+    gt_other, other, _ = perfect_and_blind(5)
+    with pytest.raises(SpinedetError, match="same test images"):
+        metrics.paired_comparison(a, other, metrics.patient_image_indices(gt, a.image_ids), 10, 10, 0)
+
+
+def test_class_counts_and_a_class_from_too_few_patients_has_no_interval():
+    gt = make_coco([(1, "pa"), (2, "pb"), (3, "pc"), (4, "pd")],
+                   [(1, 1, [10, 10, 20, 20]), (2, 1, [10, 10, 20, 20]), (3, 1, [10, 10, 20, 20]),
+                    (4, 2, [40, 40, 10, 30]), (4, 2, [60, 40, 10, 30])])
+    detections = [det(i, 1, [10, 10, 20, 20], 0.8) for i in (1, 2)] + [det(4, 2, [40, 40, 10, 30], 0.7)]
+    matches = ap_matches(gt, detections)
+    by_patient = metrics.patient_image_indices(gt, matches.image_ids)
+    assert metrics.class_counts(matches, by_patient) == {"disc_herniation": {"boxes": 3, "patients": 3},
+                                                         "cord_injury": {"boxes": 2, "patients": 1}}
+    boot = metrics.bootstrap_ap50(matches, by_patient, draws=40, seed=0)
+    cord = boot["ap50_per_class"]["cord_injury"]
+    assert cord["estimable"] is False and cord["low"] is None and cord["high"] is None
+    assert "1 patient" in cord["reason"]
+    assert cord["patients"] == 1 and cord["boxes"] == 2
+    disc = boot["ap50_per_class"]["disc_herniation"]
+    assert disc["estimable"] is True and disc["low"] <= disc["high"] and disc["patients"] == 3

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from browser import CHROMIUM, chromium, parse
-from spinedet import SpinedetError, cli, metrics, report
+from spinedet import SpinedetError, cli, compare, metrics, report
 from spinedet.config import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +118,10 @@ def write_results(results: Path, seed: int = 0, timing_scale: float = 1.0) -> No
         lines += [f"{e},10,{(2.0 + n) / e:.3f},0.1,0.1,0.1,0.1,0.01,{(0.15 - 0.05 * n) * e:.2f},12.5"
                   for e in range(1, 6)]
         (log / "train_log.csv").write_text("\n".join(lines) + "\n")
+    all_detections = {model: json.loads((results / "eval" / model / "detections.json").read_text()) for model in MODELS}
+    (results / "report").mkdir()
+    config = {"classes": CLASSES, "seed": 11, "evaluate": EVALUATE, "compare": {"permutations": 200}}
+    (results / "report" / "comparison.json").write_text(json.dumps(compare.compare(config, test, all_detections)))
     (results / "inventory").mkdir()
     (results / "inventory" / "summary.json").write_text(json.dumps({
         "files_in": 130, "ok": 120, "ok_by_kind": {"image": 120}, "quarantined": 10,
@@ -151,7 +155,7 @@ def inputs_under(results: Path, models: list[str] = MODELS) -> report.ReportInpu
         [report.ModelFiles(m, results / "eval" / m / "metrics.json", results / "eval" / m / "timing.json",
                            results / "eval" / m / "detections.json", results / "models" / m / "train_log.csv")
          for m in models],
-        results / "split" / "test.json", results / "split" / "group_counts.csv",
+        results / "report" / "comparison.json", results / "split" / "test.json", results / "split" / "group_counts.csv",
         results / "inventory" / "summary.json", results / "deid" / "annotation_issues.csv", results / "slices")
 
 
@@ -162,6 +166,7 @@ def make_report(tmp_path: Path, results: Path, out: Path, demo: bool = True) -> 
                      "--timing", *(str(m.timing) for m in inputs.models),
                      "--detections", *(str(m.detections) for m in inputs.models),
                      "--train-logs", *(str(m.train_log) for m in inputs.models),
+                     "--comparison", str(inputs.comparison),
                      "--test", str(inputs.test), "--group-counts", str(inputs.group_counts),
                      "--inventory", str(inputs.inventory), "--issues", str(inputs.issues),
                      "--images", str(inputs.images), "--out", str(out)])
@@ -184,7 +189,8 @@ def test_report_has_both_models_paper_rows_and_banner(rendered):
     assert models_in_table == MODELS
     summary = list(csv.DictReader((rendered / "summary.csv").open()))
     resnet = next(r for r in rows if r[0].strip() == "resnet50")
-    pct = {k: f"{100 * float(v):.1f}" for k, v in summary[0].items() if k.startswith("ap50")}
+    pct = {k: f"{100 * float(v):.1f}" for k, v in summary[0].items()
+           if k.startswith("ap50") and not k.endswith(("_estimable", "_patients", "_boxes"))}
     assert resnet[2] == f"{pct['ap50']} ({pct['ap50_ci_low']}–{pct['ap50_ci_high']})"
     assert resnet[3] == f"{pct['ap50_disc_herniation']} ({pct['ap50_disc_herniation_ci_low']}–" \
                         f"{pct['ap50_disc_herniation_ci_high']})"
@@ -407,8 +413,40 @@ def test_cli_refuses_per_model_files_that_do_not_match_the_models(tmp_path, capl
                      "--timing", *(str(m.timing) for m in inputs.models),
                      "--detections", *(str(m.detections) for m in inputs.models),
                      "--train-logs", *(str(m.train_log) for m in inputs.models),
+                     "--comparison", str(inputs.comparison),
                      "--test", str(inputs.test), "--group-counts", str(inputs.group_counts),
                      "--inventory", str(inputs.inventory), "--issues", str(inputs.issues),
                      "--images", str(inputs.images), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "--metrics: 1 files for 2 models (resnet50 vgg16)" in caplog.text
+
+
+def test_report_gives_the_paired_comparison_and_the_papers_metric(rendered):
+    text = (rendered / "report.html").read_text()
+    page = parse(text)
+    pair = json.loads((rendered / "comparison.json").read_text())["pairs"][0]
+    low, high = pair["ci95"]
+    sentence = (f"resnet50 minus vgg16: ΔAP50 = {100 * pair['delta']:+.1f} points "
+                f"(95 % CI {100 * low:+.1f} to {100 * high:+.1f}), p = {pair['p_value']:.3f}, "
+                f"{pair['n_patients']} test patients.")
+    assert sentence in html.unescape(text)
+    assert sentence in (rendered / "report.md").read_text()
+    paired = page.table_rows["paired-1"]
+    labels = [row[0].strip() for row in paired[1:]]
+    assert labels == ["all lesions (mean over classes)", "disc herniation", "cord injury"]
+    summary = {row["model"]: row for row in csv.DictReader((rendered / "summary.csv").open())}
+    assert paired[1][1].strip() == f"{100 * float(summary['resnet50']['ap50']):.1f}"
+    voc = {row[0].strip(): [c.strip() for c in row[1:]] for row in page.table_rows["paper-metric"][1:]}
+    for model in MODELS:
+        assert voc[model] == [f"{100 * float(summary[model][key]):.1f}"
+                              for key in ("ap50", "voc07_11point_map", "voc10_all_point_map")]
+    assert voc["ResNet-50 (Ma et al. 2020)"][1].startswith("88.6")
+    assert "VOC2007 11-point" in text and "without defining it" in text
+
+
+def test_a_class_from_too_few_patients_shows_no_interval():
+    row = {"ap50_cord_injury": 0.505, "ap50_cord_injury_ci_low": None, "ap50_cord_injury_ci_high": None,
+           "ap50_cord_injury_ci_estimable": False, "ap50_cord_injury_patients": 1, "ap50_cord_injury_boxes": 2}
+    shown = report.with_ci(*(row[f"ap50_cord_injury{suffix}"] for suffix in
+                             ("", "_ci_low", "_ci_high", "_ci_estimable", "_patients", "_boxes")))
+    assert shown["text"] == "50.5 (CI not estimable: 2 boxes in 1 patient)"

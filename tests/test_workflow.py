@@ -59,6 +59,15 @@ def test_report_has_a_row_per_model(smoke_study):
     assert (smoke_study / "results" / "report" / "report.md").stat().st_size > 0
 
 
+def test_the_study_compares_the_models_on_the_same_patients(smoke_study):
+    comparison = json.loads((smoke_study / "results" / "report" / "comparison.json").read_text())
+    [pair] = comparison["pairs"]
+    assert (pair["a"], pair["b"], pair["metric"]) == ("resnet50", "vgg16", "ap50")
+    assert pair["n_patients"] == json.loads((smoke_study / "results" / "eval" / "resnet50" / "metrics.json")
+                                            .read_text())["n_patients"]
+    assert "resnet50 minus vgg16: ΔAP50" in (smoke_study / "results" / "report" / "report.md").read_text()
+
+
 def test_no_phi_outside_restricted(smoke_study):
     phi = collect_phi(smoke_study / "export" / "DICOM")
     assert len(phi) > 50
@@ -98,12 +107,14 @@ def jobs_to_run(run: subprocess.CompletedProcess) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({"evaluate": {"bootstrap": 51}}, {"evaluate": 2, "report": 1}),
-        ({"models": {"resnet50": {"lr": 0.004}}}, {"train": 1, "evaluate": 1, "report": 1}),
-        ({"slices": {"half_width": 2}}, {"slices": 1, "split": 1, "train": 2, "evaluate": 2, "report": 1}),
+        ({"evaluate": {"bootstrap": 51}}, {"evaluate": 2, "compare": 1, "report": 1}),
+        ({"compare": {"permutations": 99}}, {"compare": 1, "report": 1}),
+        ({"models": {"resnet50": {"lr": 0.004}}}, {"train": 1, "evaluate": 1, "compare": 1, "report": 1}),
+        ({"slices": {"half_width": 2}},
+         {"slices": 1, "split": 1, "train": 2, "evaluate": 2, "compare": 1, "report": 1}),
         ({"split": {"fractions": {"train": 0.6, "val": 0.2, "test": 0.2}}},
-         {"split": 1, "train": 2, "evaluate": 2, "report": 1}),
-        ({"seed": 5}, {"split": 1, "train": 2, "evaluate": 2, "report": 1}),
+         {"split": 1, "train": 2, "evaluate": 2, "compare": 1, "report": 1}),
+        ({"seed": 5}, {"split": 1, "train": 2, "evaluate": 2, "compare": 1, "report": 1}),
         ({"resources": {"evaluate": {"mem_mb": 9000}}}, {}),
     ],
 )

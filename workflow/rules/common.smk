@@ -4,8 +4,8 @@ from pathlib import Path
 RESULTS = config["results"]
 RESTRICTED = config["restricted"]
 MODELS = list(config["models"])
-# Logs and rule benchmarks live with the results they belong to: two studies
-# with different `results:` never share them.
+# Logs and benchmark files live with the results they belong to, so two
+# studies with different `results` folders never share them.
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 

@@ -5,6 +5,7 @@ rule report:
         timing=expand(f"{RESULTS}/eval/{{model}}/timing.json", model=MODELS),
         detections=expand(f"{RESULTS}/eval/{{model}}/detections.json", model=MODELS),
         train_logs=expand(f"{RESULTS}/models/{{model}}/train_log.csv", model=MODELS),
+        comparison=rules.compare.output.comparison,
         group_counts=rules.split.output.group_counts,
         test=rules.split.output.test,
         inventory=rules.inventory.output.summary,
@@ -40,6 +41,6 @@ rule report:
     shell:
         "spinedet report --config {params.config:q} --models {params.models}"
         " --metrics {input.metrics} --timing {input.timing} --detections {input.detections}"
-        " --train-logs {input.train_logs} --test {input.test} --group-counts {input.group_counts}"
+        " --train-logs {input.train_logs} --comparison {input.comparison} --test {input.test} --group-counts {input.group_counts}"
         " --inventory {input.inventory} --issues {input.deid}/annotation_issues.csv --images {input.images}"
         " --out {params.out} > {log} 2>&1"

@@ -1,5 +1,5 @@
-"""Detection metrics on COCO data: pycocotools summaries, FROC and a patient-level
-bootstrap of AP50.
+"""Detection metrics on COCO data: pycocotools summaries, PASCAL VOC AP, FROC, a
+patient-level bootstrap of AP50 and the paired comparison of two models.
 
 Ground truth is a COCO dict (the split's test.json), detections a COCO results
 list (`image_id, category_id, bbox [x, y, w, h], score`). Everything here is
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # COCO's recall grid for interpolated precision: 0, 0.01, ..., 1.
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
 COCO_MAX_DETS = 100
+# A bootstrap over fewer patients with lesions of a class cannot give that class
+# an interval: with one patient every draw holds the same lesions or none.
+MIN_PATIENTS_FOR_CI = 3
 # FROC curves for figures are sampled on this grid of false positives per image.
 FROC_CURVE_FPS = np.geomspace(1 / 16, 16, 41)
 
@@ -209,8 +212,10 @@ class Matches:
 
 
 def match_detections(coco_gt: dict, detections: list[dict], classes: list[str],
-                     iou_threshold: float, max_dets: int | None = COCO_MAX_DETS) -> Matches:
-    """Match every image's detections to its ground truth, class by class.
+                     iou_threshold: float, max_dets: int | None = COCO_MAX_DETS, style: str = "coco") -> Matches:
+    """Match every image's detections to its ground truth, class by class, the
+    COCO way (match_image) or the PASCAL VOC way (style="voc": match_image_voc,
+    no cap on detections).
 
     Images are taken in increasing id order (as pycocotools does), including
     images with neither ground truth nor detections.
@@ -237,7 +242,10 @@ def match_detections(coco_gt: dict, detections: list[dict], classes: list[str],
             dets = dt_by_key.get((image_id, k + 1), [])
             det_boxes = np.asarray([d["bbox"] for d in dets], dtype=float).reshape(-1, 4)
             det_scores = np.asarray([d["score"] for d in dets], dtype=float)
-            s, tp = match_image(gt_boxes, det_boxes, det_scores, iou_threshold, max_dets)
+            if style == "voc":
+                s, tp = match_image_voc(gt_boxes, det_boxes, det_scores, iou_threshold)
+            else:
+                s, tp = match_image(gt_boxes, det_boxes, det_scores, iou_threshold, max_dets)
             class_scores.append(s)
             class_tp.append(tp)
             n_gt[k, i] = len(gt_boxes)
@@ -325,13 +333,22 @@ def bootstrap_ap50(matches: Matches, images_by_patient: dict[str, list[int]],
         for name, value in per_class.items():
             per_draw[name][d] = np.nan if value is None else value
 
-    def interval(values: np.ndarray) -> dict:
+    def interval(values: np.ndarray, counts: dict) -> dict:
         valid = values[~np.isnan(values)]
+        entry = {"low": None, "high": None, "valid_draws": int(valid.size), **counts}
+        if counts["patients"] < MIN_PATIENTS_FOR_CI:
+            return {**entry, "estimable": False,
+                    "reason": f"the test lesions come from {counts['patients']} patient"
+                              f"{'' if counts['patients'] == 1 else 's'}; a patient bootstrap needs "
+                              f"at least {MIN_PATIENTS_FOR_CI}"}
         if valid.size == 0:
-            return {"low": None, "high": None, "valid_draws": 0}
+            return {**entry, "estimable": False, "reason": "no bootstrap draws"}
         low, high = np.percentile(valid, [2.5, 97.5])
-        return {"low": float(low), "high": float(high), "valid_draws": int(valid.size)}
+        return {**entry, "low": float(low), "high": float(high), "estimable": True}
 
+    counts = class_counts(matches, images_by_patient)
+    lesion_patients = sum(int(matches.n_gt[:, indices].sum() > 0) for indices in images_by_patient.values())
+    overall = {"boxes": int(matches.n_gt.sum()), "patients": lesion_patients}
     return {
         "unit": "patient",
         "draws": draws,
@@ -339,9 +356,158 @@ def bootstrap_ap50(matches: Matches, images_by_patient: dict[str, list[int]],
         "patients": len(patients),
         "level": 0.95,
         "method": "percentile",
-        "ap50": interval(per_draw["mean"]),
-        "ap50_per_class": {name: interval(per_draw[name]) for name in matches.classes},
+        "ap50": interval(per_draw["mean"], overall),
+        "ap50_per_class": {name: interval(per_draw[name], counts[name]) for name in matches.classes},
     }
+
+
+# ---------------------------------------------------------------- PASCAL VOC AP
+
+
+def match_image_voc(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
+                    iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Match one image's detections of one class the PASCAL VOC devkit's way.
+
+    Detections highest score first, all of them (no per-image cap); each looks
+    at the ground-truth box it overlaps most, and is a true positive only when
+    that IoU is above (not at) the threshold and that box is still unclaimed.
+    Unlike COCO, a detection whose best box is taken does not fall back on
+    another one. Boxes are continuous coordinates (no +1 pixel widths).
+    """
+    order = np.argsort(-np.asarray(det_scores, dtype=float), kind="mergesort")
+    scores = np.asarray(det_scores, dtype=float)[order]
+    is_tp = np.zeros(len(order), dtype=bool)
+    if len(order) == 0 or len(gt_boxes) == 0:
+        return scores, is_tp
+    ious = box_iou_xywh(np.asarray(det_boxes)[order], gt_boxes)
+    gt_taken = np.zeros(len(gt_boxes), dtype=bool)
+    for d in range(len(order)):
+        best_gt = int(np.argmax(ious[d]))
+        if ious[d, best_gt] > iou_threshold and not gt_taken[best_gt]:
+            gt_taken[best_gt] = True
+            is_tp[d] = True
+    return scores, is_tp
+
+
+def voc_average_precision(scores: np.ndarray, is_tp: np.ndarray, n_gt: int, eleven_point: bool) -> float | None:
+    """PASCAL VOC AP: the 11-point form of VOC2007 (mean of the best precision
+    at recall >= 0, 0.1, ..., 1) or the all-point form of VOC2010 and later (area
+    under the precision envelope). None without ground truth."""
+    if n_gt == 0:
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
+    tp = np.asarray(is_tp, dtype=bool)[order]
+    tp_sum = np.cumsum(tp).astype(float)
+    fp_sum = np.cumsum(~tp).astype(float)
+    recall = tp_sum / n_gt
+    precision = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(float).eps)
+    if eleven_point:
+        return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                              for t in np.arange(0.0, 1.1, 0.1)]))  # the devkit's grid, float steps and all
+    recall_edges = np.r_[0.0, recall, 1.0]
+    envelope = np.maximum.accumulate(np.r_[0.0, precision, 0.0][::-1])[::-1]
+    steps = np.flatnonzero(recall_edges[1:] != recall_edges[:-1])
+    return float(np.sum((recall_edges[steps + 1] - recall_edges[steps]) * envelope[steps + 1]))
+
+
+def voc_ap50(matches: Matches) -> dict:
+    """VOC2007 11-point and VOC2010 all-point AP at IoU 0.5, per class and their
+    mean over classes with ground truth. `matches` from match_detections(...,
+    0.5, max_dets=None, style="voc")."""
+    result = {"iou_threshold": 0.5, "matching": "PASCAL VOC devkit: IoU > 0.5, best-overlap box only, all detections"}
+    for form, eleven_point in (("voc07_11point", True), ("voc10_all_point", False)):
+        per_class = {}
+        for k, name in enumerate(matches.classes):
+            scores = np.concatenate(matches.scores[k]) if matches.image_ids else np.zeros(0)
+            is_tp = np.concatenate(matches.is_tp[k]) if matches.image_ids else np.zeros(0, bool)
+            per_class[name] = voc_average_precision(scores, is_tp, int(matches.n_gt[k].sum()), eleven_point)
+        result[form] = {"map": mean_defined(per_class.values()), "per_class": per_class}
+    return result
+
+
+# ---------------------------------------------------------------- two models, same patients
+
+
+def class_counts(matches: Matches, images_by_patient: dict[str, list[int]]) -> dict[str, dict]:
+    """The ground truth behind each class's figures: boxes, and patients with at least one."""
+    return {name: {"boxes": int(matches.n_gt[k].sum()),
+                   "patients": sum(int(matches.n_gt[k, indices].sum() > 0) for indices in images_by_patient.values())}
+            for k, name in enumerate(matches.classes)}
+
+
+def _mixed_ap50(a: Matches, b: Matches, take_a: np.ndarray, image_indices: np.ndarray) -> np.ndarray:
+    """[mean, class 1, class 2, ...] AP50 of detections taken image by image from
+    `a` where take_a[image] else from `b` (NaN: no ground truth)."""
+    values = []
+    for k in range(len(a.classes)):
+        scores = [a.scores[k][i] if take_a[i] else b.scores[k][i] for i in image_indices]
+        is_tp = [a.is_tp[k][i] if take_a[i] else b.is_tp[k][i] for i in image_indices]
+        ap = coco_average_precision(np.concatenate(scores) if scores else np.zeros(0),
+                                    np.concatenate(is_tp) if is_tp else np.zeros(0, bool),
+                                    int(a.n_gt[k, image_indices].sum()))
+        values.append(np.nan if ap is None else ap)
+    values = np.asarray(values, dtype=float)
+    mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
+    return np.r_[mean, values]
+
+
+def paired_comparison(a: Matches, b: Matches, images_by_patient: dict[str, list[int]], draws: int,
+                      permutations: int, seed: int) -> dict:
+    """AP50 of model a minus model b on the same test patients, overall (mean over
+    classes) and per class:
+    - a 95 % CI from a paired patient bootstrap: each draw resamples patients
+      once and scores both models on that same resample;
+    - a two-sided p-value from a paired permutation test: each permutation swaps
+      the two models' detections within a random half of the patients; p is the
+      share of permutations whose |delta| reaches the observed one (all 2^n
+      swaps when that is no more than `permutations`, then p is exact; else
+      random ones, counted with the observed assignment, (1 + hits) / (1 + n)).
+    """
+    if a.image_ids != b.image_ids or a.classes != b.classes or not np.array_equal(a.n_gt, b.n_gt):
+        raise SpinedetError("the two models were not scored on the same test images and ground truth")
+    names = ["mean", *a.classes]
+    patients = list(images_by_patient)
+    patient_of_image = np.zeros(len(a.image_ids), dtype=int)
+    for p, patient in enumerate(patients):
+        patient_of_image[images_by_patient[patient]] = p
+    every_image = np.arange(len(a.image_ids))
+    own = np.ones(len(a.image_ids), dtype=bool)
+
+    def delta(take_a: np.ndarray, image_indices: np.ndarray) -> np.ndarray:
+        return _mixed_ap50(a, b, take_a, image_indices) - _mixed_ap50(a, b, ~take_a, image_indices)
+
+    ap_a, ap_b = _mixed_ap50(a, b, own, every_image), _mixed_ap50(a, b, ~own, every_image)
+    observed = ap_a - ap_b
+    rng = np.random.default_rng(seed)
+
+    boot = np.full((draws, len(names)), np.nan)
+    for d in tqdm(range(draws), desc="paired bootstrap", unit="draw", leave=False):
+        chosen = rng.integers(0, len(patients), size=len(patients))
+        image_indices = np.asarray([i for p in chosen for i in images_by_patient[patients[p]]], dtype=int)
+        boot[d] = delta(own, image_indices)
+
+    exact = 2 ** len(patients) <= permutations
+    if exact:
+        swaps = ((np.arange(2 ** len(patients))[:, None] >> np.arange(len(patients))) & 1).astype(bool)
+    else:
+        swaps = rng.random((permutations, len(patients))) < 0.5
+    hits = np.zeros(len(names))
+    for swap in tqdm(swaps, desc="permutations", unit="swap", leave=False):
+        permuted = delta(~swap[patient_of_image], every_image)
+        hits += np.abs(permuted) >= np.abs(observed) - 1e-12
+    p_values = hits / len(swaps) if exact else (1 + hits) / (1 + len(swaps))
+
+    def entry(j: int) -> dict:
+        if np.isnan(observed[j]):
+            return {"ap50_a": None, "ap50_b": None, "delta": None, "ci95": None, "p_value": None}
+        valid = boot[:, j][~np.isnan(boot[:, j])]
+        ci = [float(v) for v in np.percentile(valid, [2.5, 97.5])] if valid.size else None
+        return {"ap50_a": float(ap_a[j]), "ap50_b": float(ap_b[j]), "delta": float(observed[j]), "ci95": ci,
+                "p_value": float(min(p_values[j], 1.0))}
+
+    return {"metric": "ap50", "n_patients": len(patients), "draws": draws,
+            "permutations": len(swaps), "exact_permutation": exact, "seed": seed,
+            **entry(0), "per_class": {name: entry(j) for j, name in enumerate(names) if name != "mean"}}
 
 
 def _operating_points(scores: np.ndarray, is_tp: np.ndarray, n_images: int, n_gt: int):
@@ -413,6 +579,7 @@ def evaluate_detections(coco_gt: dict, detections: list[dict], classes: list[str
     draws = int(evaluate_config["bootstrap"])
     log.info("bootstrap: %d draws over %d patients", draws, len(images_by_patient))
     froc_result = froc(froc_matches, evaluate_config["froc_fps"], evaluate_config["froc_iou"])
+    voc_matches = match_detections(coco_gt, detections, classes, 0.5, max_dets=None, style="voc")
     return {
         "classes": list(classes),
         "n_images": len(ap_matches.image_ids),
@@ -420,5 +587,7 @@ def evaluate_detections(coco_gt: dict, detections: list[dict], classes: list[str
         **summary,
         "cpm": froc_result["cpm"],
         "froc": froc_result,
+        "class_counts": class_counts(ap_matches, images_by_patient),
+        "voc": voc_ap50(voc_matches),
         "bootstrap": bootstrap_ap50(ap_matches, images_by_patient, draws, seed),
     }

@@ -1,7 +1,7 @@
 """`spinedet report`: the model-comparison report.
 
 Reads every model's eval/{model}/metrics.json, timing.json, detections.json
-and models/{model}/train_log.csv, plus split/group_counts.csv,
+and models/{model}/train_log.csv, plus report/comparison.json, split/group_counts.csv,
 split/test.json, inventory/summary.json and deid/annotation_issues.csv under
 --results, and writes under --out:
 - report.html: one self-contained file (figures embedded as base64 PNG, CSS
@@ -60,6 +60,15 @@ PAPER_ROWS = [
 ]
 PAPER_NOTE = ("Published values of Ma et al., J Appl Clin Med Phys 2020;21(9):235-243: their private "
               "data set (1,500 patients) and their hardware. Not comparable with the rows above.")
+# The paper says "mAP" without its definition. Faster R-CNN code of its time scored
+# VOC-format data sets with the PASCAL VOC2007 11-point AP at IoU 0.5 (py-faster-rcnn's
+# voc_eval with use_07_metric for VOC2007, kept by its PyTorch ports), so that is
+# the form the paper's row is set beside.
+PAPER_METRIC_NOTE = ("Ma et al. report \"mAP\" without defining it. We assume the PASCAL VOC2007 11-point AP "
+                     "at IoU 0.5, averaged over classes: the metric with which the Faster R-CNN code bases of "
+                     "2018-2020 (py-faster-rcnn and its PyTorch ports) scored VOC-format data sets. The "
+                     "all-point VOC2010+ form and COCO's 101-point AP50 are given beside it; on the same "
+                     "detections the three differ by a few points.")
 
 MANIFEST_PACKAGES = ["torch", "torchvision", "numpy", "pandas", "pycocotools", "scikit-learn", "pydicom",
                      "nibabel", "matplotlib", "jinja2", "snakemake"]
@@ -91,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detections", nargs="+", required=True, type=Path,
                         help=f"eval detections.json, {per_model}")
     parser.add_argument("--train-logs", nargs="+", required=True, type=Path, help=f"train_log.csv, {per_model}")
+    parser.add_argument("--comparison", required=True, type=Path,
+                        help="report/comparison.json (spinedet compare): the paired model differences")
     parser.add_argument("--test", required=True, type=Path, help="test split COCO (split/test.json)")
     parser.add_argument("--group-counts", required=True, type=Path, help="split/group_counts.csv")
     parser.add_argument("--inventory", required=True, type=Path, help="inventory/summary.json")
@@ -115,6 +126,7 @@ class ModelFiles:
 class ReportInputs:
     """Every file the report reads: the report rule's inputs, no path re-derived."""
     models: list[ModelFiles]
+    comparison: Path
     test: Path
     group_counts: Path
     inventory: Path
@@ -295,6 +307,12 @@ def comparison_row(model: dict, classes: list[str]) -> dict:
         row[f"ap50_{name}"] = m["ap50_per_class"].get(name)
         row[f"ap50_{name}_ci_low"] = interval.get("low")
         row[f"ap50_{name}_ci_high"] = interval.get("high")
+        row[f"ap50_{name}_ci_estimable"] = interval.get("estimable")
+        row[f"ap50_{name}_patients"] = m.get("class_counts", {}).get(name, {}).get("patients")
+        row[f"ap50_{name}_boxes"] = m.get("class_counts", {}).get(name, {}).get("boxes")
+    voc = m.get("voc", {})
+    row["voc07_11point_map"] = voc.get("voc07_11point", {}).get("map")
+    row["voc10_all_point_map"] = voc.get("voc10_all_point", {}).get("map")
     row["cpm"] = m["cpm"]
     row["froc_iou"] = m["froc"]["iou_threshold"]
     row["bootstrap_draws"] = boot.get("draws")
@@ -351,7 +369,11 @@ def cell(value: str, detail: str | None = None) -> dict:
     return {"value": value, "detail": detail or "", "text": f"{value} ({detail})" if detail else value}
 
 
-def with_ci(value, low, high) -> dict:
+def with_ci(value, low, high, estimable=None, patients=None, boxes=None) -> dict:
+    if value is not None and estimable is False and patients is not None:
+        # one or two patients: every bootstrap draw holds the same lesions or none
+        return cell(percent(value), f"CI not estimable: {boxes} boxes in {patients} "
+                                    f"patient{'' if patients == 1 else 's'}")
     if value is None or low is None or high is None:
         return cell(percent(value))
     return cell(percent(value), f"{percent(low)}–{percent(high)}")
@@ -365,7 +387,11 @@ def display_row(row: dict, classes: list[str]) -> dict:
         "model": row["model"],
         "arch": row["arch"] or "",
         "ap50": with_ci(row["ap50"], row["ap50_ci_low"], row["ap50_ci_high"]),
-        "per_class": [with_ci(row[f"ap50_{c}"], row[f"ap50_{c}_ci_low"], row[f"ap50_{c}_ci_high"]) for c in classes],
+        "per_class": [with_ci(row[f"ap50_{c}"], row[f"ap50_{c}_ci_low"], row[f"ap50_{c}_ci_high"],
+                              row[f"ap50_{c}_ci_estimable"], row[f"ap50_{c}_patients"], row[f"ap50_{c}_boxes"])
+                      for c in classes],
+        "voc07": cell(percent(row["voc07_11point_map"])),
+        "voc10": cell(percent(row["voc10_all_point_map"])),
         "ap": cell(percent(row["ap"])),
         "ap_iou10": cell(percent(row["ap_iou10"])),
         "cpm": cell(percent(row["cpm"])),
@@ -375,6 +401,50 @@ def display_row(row: dict, classes: list[str]) -> dict:
         "images_per_s_batch": cell(f"{row['timing_images_per_s_batch']:.1f}"),
         "parameters": cell("n/a" if params is None else f"{params / 1e6:.1f} M"),
     }
+
+
+def signed_points(value) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}"
+
+
+def p_text(p_value, permutations: int, exact: bool) -> str:
+    if p_value is None:
+        return "n/a"
+    floor = 1 / permutations if exact else 1 / (1 + permutations)
+    return f"< {floor:.2g}" if p_value <= floor and floor < 0.001 else f"{p_value:.3f}"
+
+
+def paired_results(comparison: dict, classes: list[str]) -> list[dict]:
+    """Each model pair of comparison.json as one sentence and one table (points of AP50)."""
+    counts = comparison.get("class_counts", {})
+    results = []
+    for pair in comparison["pairs"]:
+        permutations, exact = pair["permutations"], pair["exact_permutation"]
+
+        def row(label: str, entry: dict, count: dict | None) -> dict:
+            ci = entry["ci95"]
+            return {"label": label, "a": percent(entry["ap50_a"]), "b": percent(entry["ap50_b"]),
+                    "delta": cell(signed_points(entry["delta"]),
+                                  f"{signed_points(ci[0])} to {signed_points(ci[1])}" if ci else None),
+                    "p": p_text(entry["p_value"], permutations, exact),
+                    "patients": "" if count is None else count["patients"],
+                    "boxes": "" if count is None else count["boxes"]}
+
+        if pair["delta"] is None:
+            sentence = f"{pair['a']} minus {pair['b']}: no test lesions, nothing to compare."
+        else:
+            ci = pair["ci95"]
+            interval = f"95 % CI {signed_points(ci[0])} to {signed_points(ci[1])}" if ci else "no CI (0 bootstrap draws)"
+            p = p_text(pair["p_value"], permutations, exact)
+            sentence = (f"{pair['a']} minus {pair['b']}: ΔAP50 = {signed_points(pair['delta'])} points ({interval}), "
+                        f"p {p if p.startswith('<') else '= ' + p}, {pair['n_patients']} test patients.")
+        results.append({
+            "a": pair["a"], "b": pair["b"], "sentence": sentence,
+            "permutations": permutations, "exact": exact, "draws": pair["draws"],
+            "rows": [row("all lesions (mean over classes)", pair, None)]
+                    + [row(pretty(c), pair["per_class"][c], counts.get(c)) for c in classes],
+        })
+    return results
 
 
 # ---------------------------------------------------------------- figures
@@ -629,6 +699,7 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
             raise SpinedetError(f"{files.metrics} has classes {model['metrics']['classes']}, "
                                 f"the config says {classes}")
     test_coco = read_json(inputs.test)
+    comparison = read_json(inputs.comparison)
     cohort = read_group_counts(inputs.group_counts)
     inventory = inventory_rows(read_json(inputs.inventory))
     issues = annotation_issue_counts(inputs.issues)
@@ -660,6 +731,9 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
         "recipes": [model_recipe(m["name"], m["metrics"].get("weights", {}).get("model_config")) for m in models],
         "paper_rows": PAPER_ROWS,
         "paper_note": PAPER_NOTE,
+        "paper_metric_note": PAPER_METRIC_NOTE,
+        "paired": paired_results(comparison, classes),
+        "comparison_method": comparison.get("method", ""),
         "figures": figures,
         "evaluation": {
             "froc_iou": first["froc"]["iou_threshold"],
@@ -694,6 +768,7 @@ def run(args: argparse.Namespace) -> int:
             raise SpinedetError(f"{option}: {len(paths)} files for {len(args.models)} models ({' '.join(args.models)})")
     models = [ModelFiles(*files) for files in zip(args.models, args.metrics, args.timing, args.detections,
                                                   args.train_logs)]
-    inputs = ReportInputs(models, args.test, args.group_counts, args.inventory, args.issues, args.images)
+    inputs = ReportInputs(models, args.comparison, args.test, args.group_counts, args.inventory, args.issues,
+                          args.images)
     build_report(config, inputs, args.out)
     return 0
