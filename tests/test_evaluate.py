@@ -87,7 +87,8 @@ def study_config() -> dict:
         "models": {"tiny": {"arch": "tiny_test"}},
         "train": {"device": "cpu"},
         "evaluate": {"score_threshold": 0.05, "froc_iou": 0.5, "froc_fps": [0.125, 0.25, 0.5, 1, 2, 4, 8],
-                     "bootstrap": 20, "timing": {"warmup": 1, "iterations": 3, "batch_size": 2}},
+                     "bootstrap": 20, "timing": {"warmup": 1, "iterations": 3, "batch_size": 2},
+                     "operating_point": {"sensitivity": 0.9, "score_threshold": None}},
     }
 
 
@@ -114,6 +115,11 @@ def test_evaluate_writes_detections_metrics_and_timing(tmp_path, tiny_arch, test
     assert set(metrics["ap50_per_class"]) == set(CLASSES)
     assert metrics["bootstrap"]["draws"] == 20 and metrics["bootstrap"]["seed"] == 11
     assert len(metrics["froc"]["overall"]["sensitivity"]) == 7
+    assert set(metrics["voc"]) >= {"voc07_11point", "voc10_all_point"}
+    patients = metrics["patient_level"]
+    assert patients["operating_point"]["chosen_on"].startswith("none")  # no validation detections given
+    assert patients["score_threshold"] == 0.05 and patients["patients"] == 3
+    assert set(patients["overall"]) == {"sensitivity_iou10", "sensitivity_iou50", "specificity", "confusion_iou50"}
     # The metrics are those of the written detections.
     again = evaluate.metrics_lib.coco_summary(coco, detections, CLASSES)
     assert again["ap50"] == metrics["ap50"] and again["ap"] == metrics["ap"]
@@ -142,11 +148,21 @@ def test_cli_evaluate_reads_the_study_config(tmp_path, tiny_arch, test_split):
     override.write_text(yaml.safe_dump({"train": {"device": "cpu"}, "evaluate": {
         "bootstrap": 10, "timing": {"warmup": 0, "iterations": 2, "batch_size": 3}}}))
     out = tmp_path / "eval" / "vgg16"
+    # the validation split's detections: every lesion found, at scores 0.9 ... 0.5
+    val_coco = json.loads(test_json.read_text())
+    val_detections = tmp_path / "val_detections.json"
+    val_detections.write_text(json.dumps([
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9 - 0.1 * k}
+        for k, a in enumerate(val_coco["annotations"])]))
     code = cli.main(["evaluate", "--config", str(REPO / "config.yaml"), str(override), "--model", "vgg16",
                      "--weights", str(save_best(tmp_path / "best.pt")), "--test", str(test_json),
-                     "--images", str(slices), "--out", str(out), "--threads", "1"])
+                     "--images", str(slices), "--out", str(out), "--threads", "1",
+                     "--val", str(test_json), "--val-detections", str(val_detections)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    operating = metrics["patient_level"]["operating_point"]
+    # 3 patients with lesions, best hits 0.9, 0.7, 0.5: 90 % of them needs all three
+    assert operating["chosen_on"] == "validation" and operating["score_threshold"] == 0.5
     assert metrics["model"] == "vgg16" and metrics["bootstrap"]["seed"] == 20200901
     assert metrics["froc"]["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
     timing_result = json.loads((out / "timing.json").read_text())

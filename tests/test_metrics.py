@@ -466,3 +466,56 @@ def test_class_counts_and_a_class_from_too_few_patients_has_no_interval():
     assert cord["patients"] == 1 and cord["boxes"] == 2
     disc = boot["ap50_per_class"]["disc_herniation"]
     assert disc["estimable"] is True and disc["low"] <= disc["high"] and disc["patients"] == 3
+
+
+# ---------------------------------------------------------------- patients
+
+
+def test_wilson_interval_known_values():
+    assert metrics.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert metrics.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert metrics.wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert metrics.wilson_interval(0, 0) is None
+
+
+def patients_fixture():
+    """pa: herniation found (IoU 0.64); pb: cord injury found only loosely (IoU 0.2);
+    pc: no lesion, no detection; pd: no lesion, a false detection at 0.7."""
+    gt = make_coco([(1, "pa"), (2, "pa"), (3, "pb"), (4, "pc"), (5, "pd")],
+                   [(1, 1, [10, 10, 20, 20]), (3, 2, [10, 10, 10, 30])])
+    detections = [det(1, 1, [14, 10, 20, 20], 0.9), det(2, 1, [50, 50, 10, 10], 0.3),
+                  det(3, 2, [18, 10, 10, 30], 0.6), det(5, 1, [40, 40, 10, 10], 0.7)]
+    return gt, detections
+
+
+def test_patient_level_sensitivity_specificity_and_confusion():
+    gt, detections = patients_fixture()
+    result = metrics.patient_level(gt, detections, CLASSES, threshold=0.5)
+    overall = result["overall"]
+    assert result["patients"] == 4
+    assert (overall["sensitivity_iou10"]["k"], overall["sensitivity_iou10"]["n"]) == (2, 2)
+    assert (overall["sensitivity_iou50"]["k"], overall["sensitivity_iou50"]["n"]) == (1, 2)
+    assert (overall["specificity"]["k"], overall["specificity"]["n"]) == (1, 2)
+    assert overall["confusion_iou50"] == {"tp": 1, "fn": 1, "tn": 1, "fp": 1}
+    assert overall["specificity"]["ci95"] == metrics.wilson_interval(1, 2)
+    herniation = result["per_class"]["disc_herniation"]
+    assert herniation["sensitivity_iou50"]["value"] == 1.0 and herniation["specificity"]["value"] == 0.5
+    cord = result["per_class"]["cord_injury"]
+    assert cord["sensitivity_iou50"]["value"] == 0.0 and cord["sensitivity_iou10"]["value"] == 1.0
+    assert cord["specificity"]["value"] == 1.0  # pd's false detection is a herniation
+    # above the false detection's score the healthy patients are all clear
+    strict = metrics.patient_level(gt, detections, CLASSES, threshold=0.8)["overall"]
+    assert strict["confusion_iou50"] == {"tp": 1, "fn": 1, "tn": 2, "fp": 0}
+    assert strict["sensitivity_iou10"]["k"] == 1
+
+
+def test_operating_threshold_reaches_the_target_sensitivity_on_validation():
+    gt = make_coco([(k + 1, f"p{k}") for k in range(4)], [(k + 1, 1, [10, 10, 20, 20]) for k in range(4)])
+    detections = [det(k + 1, 1, [10, 10, 20, 20], score) for k, score in enumerate([0.9, 0.8, 0.6])]
+    detections.append(det(4, 1, [60, 60, 20, 20], 0.95))  # patient 4's lesion is missed
+    choose = metrics.operating_threshold
+    assert choose(gt, detections, CLASSES, 0.5, floor=0.05)["score_threshold"] == 0.8
+    assert choose(gt, detections, CLASSES, 0.75, floor=0.05)["score_threshold"] == 0.6
+    unreachable = choose(gt, detections, CLASSES, 1.0, floor=0.05)
+    assert unreachable["score_threshold"] == 0.05 and unreachable["reached"] is False
+    assert unreachable["validation_patients_with_lesion"] == 4

@@ -103,6 +103,9 @@ def write_results(results: Path, seed: int = 0, timing_scale: float = 1.0) -> No
     for n, model in enumerate(MODELS):
         detections = fixture_detections(test, rng, jitter=1.0 + 2.5 * n)
         body = metrics.evaluate_detections(test, detections, CLASSES, EVALUATE, seed=11)
+        body["patient_level"] = {"operating_point": {"chosen_on": "validation", "target_sensitivity": 0.9,
+                                                     "reached": True, "score_threshold": 0.5},
+                                 **metrics.patient_level(test, detections, CLASSES, 0.5)}
         out = results / "eval" / model
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps(
@@ -450,3 +453,31 @@ def test_a_class_from_too_few_patients_shows_no_interval():
     shown = report.with_ci(*(row[f"ap50_cord_injury{suffix}"] for suffix in
                              ("", "_ci_low", "_ci_high", "_ci_estimable", "_patients", "_boxes")))
     assert shown["text"] == "50.5 (CI not estimable: 2 boxes in 1 patient)"
+
+
+def test_report_gives_patient_level_results_with_wilson_intervals(rendered):
+    page = parse((rendered / "report.html").read_text())
+    rows = page.table_rows["patients"]
+    metrics_json = json.loads((rendered.parent / "eval" / "resnet50" / "metrics.json").read_text())
+    overall = metrics_json["patient_level"]["overall"]
+    resnet = next(row for row in rows if row and row[0].strip() == "resnet50")
+    low, high = overall["specificity"]["ci95"]
+    spec = overall["specificity"]
+    assert resnet[6].split() == [f"{100 * spec['value']:.1f}", f"({spec['k']}/{spec['n']})",
+                                 f"({100 * low:.1f}–{100 * high:.1f})"]
+    confusion = overall["confusion_iou50"]
+    assert resnet[7].strip() == f"{confusion['tp']} / {confusion['fn']} / {confusion['tn']} / {confusion['fp']}"
+    assert "chosen on the validation split" in resnet[2]
+
+
+def test_methods_paragraph_reads_every_number_from_the_outputs(rendered):
+    text = html.unescape((rendered / "report.html").read_text())
+    methods = re.search(r'<p id="methods">(.*?)</p>', text, re.S).group(1)
+    summary = {row["model"]: row for row in csv.DictReader((rendered / "summary.csv").open())}
+    assert "The cohort held 40 patients (20 disc, 6 injured, 14 normal)" in methods
+    assert "train 28, val 4, test 8" in methods
+    for model, row in summary.items():
+        assert f"{model} {100 * float(row['ap50']):.1f} % (95 % CI {100 * float(row['ap50_ci_low']):.1f}" in methods
+    assert "40 bootstrap resamples of test patients" in methods
+    assert "resnet50 minus vgg16, paired comparison: ΔAP50" in methods
+    assert methods in (rendered / "report.md").read_text()

@@ -340,6 +340,10 @@ def test_resume_after_sigterm(blobs, tmp_path, monkeypatch, caplog):
     assert meta["epoch"] in (1, 2, 3) and not model.training
     anchors = json.loads((out / "anchors.json").read_text())
     assert anchors["all"]["boxes"] == 8 and anchors["all"]["fraction_matched"] > 0.9
+    # the best epoch's validation detections, for evaluate's operating point
+    val_detections = json.loads((out / "val_detections.json").read_text())
+    assert val_detections == json.loads((out / "state" / "val_detections.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} == set(d) for d in val_detections)
 
 
 def test_regenerated_slices_under_the_same_coco_files_start_training_over(blobs, tmp_path, monkeypatch, caplog):

@@ -3,6 +3,8 @@ rule evaluate:
         images=rules.slices.output.slices,
         best=rules.train.output.best,
         test=rules.split.output.test,
+        val=rules.split.output.val,
+        val_detections=rules.train.output.val_detections,
     output:
         metrics=f"{RESULTS}/eval/{{model}}/metrics.json",
         timing=f"{RESULTS}/eval/{{model}}/timing.json",
@@ -26,4 +28,5 @@ rule evaluate:
     shell:
         "spinedet evaluate --config {params.config:q} --model {wildcards.model}"
         " --weights {input.best} --test {input.test} --images {input.images}"
+        " --val {input.val} --val-detections {input.val_detections}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

@@ -15,6 +15,7 @@ rule train:
             category="Training",
         ),
         anchors=f"{RESULTS}/models/{{model}}/anchors.json",
+        val_detections=f"{RESULTS}/models/{{model}}/val_detections.json",
     log:
         f"{LOGS}/train/{{model}}.log",
     benchmark:

@@ -3,8 +3,10 @@
 Writes, under --out:
 - detections.json: COCO results list (score >= evaluate.score_threshold);
 - metrics.json: COCO AP/AR, AP at IoU 0.1, per-class AP50, PR curves, FROC
-  and CPM, patient-level bootstrap CIs (see spinedet.metrics), plus the
-  weights' epoch, validation AP50 and parameter count;
+  and CPM, patient-level bootstrap CIs, PASCAL VOC AP, per-patient
+  sensitivity and specificity at an operating point chosen on the validation
+  split (see spinedet.metrics), plus the weights' epoch, validation AP50 and
+  parameter count;
 - timing.json: per-image latency at batch 1 over every test image after
   `evaluate.timing.warmup` (model only, and end-to-end from the PNG file to
   COCO detections), images/s at batch 1 and at the configured batch size,
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from spinedet import SpinedetError, engine
 from spinedet import metrics as metrics_lib
 from spinedet import timing as timing_lib
-from spinedet.io import write_json
+from spinedet.io import read_json, write_json
 from spinedet.models import resolve_device
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
     parser.add_argument("--test", required=True, type=Path, help="test split COCO JSON")
     parser.add_argument("--images", required=True, type=Path, help="slice PNG root (results/slices)")
+    parser.add_argument("--val", type=Path, help="validation split COCO JSON (for the patient-level operating point)")
+    parser.add_argument("--val-detections", type=Path,
+                        help="the trained model's val_detections.json (spinedet train)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (results/eval/MODEL)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -99,9 +104,24 @@ def batch_throughput(model: torch.nn.Module, dataset, device: torch.device, timi
             "batch_seconds": timing_lib.latency_stats(seconds), "machine_load": load.record}
 
 
+def operating_point(evaluate_config: dict, classes: list[str], validation: tuple[dict, list[dict]] | None) -> dict:
+    """The score threshold of the patient-level results: the configured one, else
+    the one that reaches the target sensitivity on the validation split."""
+    configured = evaluate_config["operating_point"]
+    floor = float(evaluate_config["score_threshold"])
+    if configured["score_threshold"] is not None:
+        return {"score_threshold": float(configured["score_threshold"]), "chosen_on": "config"}
+    if validation is None:
+        log.warning("no --val/--val-detections: patient-level results at evaluate.score_threshold %g", floor)
+        return {"score_threshold": floor, "chosen_on": "none: no validation detections were given"}
+    return metrics_lib.operating_threshold(*validation, classes, float(configured["sensitivity"]), floor)
+
+
 def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coco: dict,
-                   image_root: Path, config: dict, device: torch.device) -> tuple[list, dict, dict]:
-    """Detections, metrics and timing of one loaded model on the test split."""
+                   image_root: Path, config: dict, device: torch.device,
+                   validation: tuple[dict, list[dict]] | None = None) -> tuple[list, dict, dict]:
+    """Detections, metrics and timing of one loaded model on the test split;
+    `validation` (val COCO, the model's val detections) sets the patient-level operating point."""
     from spinedet.data import CocoSlices, check_categories
     from spinedet.models import count_parameters
 
@@ -134,6 +154,10 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
         "score_threshold": score_threshold,
         **metrics_lib.evaluate_detections(test_coco, detections, classes, evaluate_config, int(config["seed"])),
     }
+    operating = operating_point(evaluate_config, classes, validation)
+    metrics["patient_level"] = {"operating_point": operating,
+                                **metrics_lib.patient_level(test_coco, detections, classes,
+                                                            operating["score_threshold"])}
     batched = batch_throughput(model, dataset, device, timing_config)
     timing = {
         "model": model_name,
@@ -152,7 +176,7 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
 
 
 def evaluate(config: dict, model_name: str, weights: Path, test: Path, images: Path, out: Path,
-             threads: int) -> dict:
+             threads: int, val: Path | None = None, val_detections: Path | None = None) -> dict:
     """The verb on a loaded config: load weights and test set, evaluate, write the three files."""
     from spinedet.data import load_coco
     from spinedet.models import load_trained
@@ -163,7 +187,11 @@ def evaluate(config: dict, model_name: str, weights: Path, test: Path, images: P
     device = resolve_device(config["train"]["device"])
     model, meta = load_trained(weights, device)
     test_coco = load_coco(test)
-    detections, metrics, timing = evaluate_model(model, meta, model_name, test_coco, images, config, device)
+    if (val is None) != (val_detections is None):
+        raise SpinedetError("--val and --val-detections go together")
+    validation = None if val is None else (load_coco(val), read_json(val_detections))
+    detections, metrics, timing = evaluate_model(model, meta, model_name, test_coco, images, config, device,
+                                                 validation)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "detections.json", detections)
     write_json(out / "metrics.json", metrics)
@@ -180,5 +208,6 @@ def run(args: argparse.Namespace) -> int:
     from spinedet.config import load
 
     config = load(args.config)
-    evaluate(config, args.model, args.weights, args.test, args.images, args.out, args.threads)
+    evaluate(config, args.model, args.weights, args.test, args.images, args.out, args.threads, args.val,
+             args.val_detections)
     return 0

@@ -1,5 +1,6 @@
 """Detection metrics on COCO data: pycocotools summaries, PASCAL VOC AP, FROC, a
-patient-level bootstrap of AP50 and the paired comparison of two models.
+patient-level bootstrap of AP50, the paired comparison of two models, and
+per-patient sensitivity and specificity at an operating point.
 
 Ground truth is a COCO dict (the split's test.json), detections a COCO results
 list (`image_id, category_id, bbox [x, y, w, h], score`). Everything here is
@@ -565,6 +566,101 @@ def froc(matches: Matches, fps_rates: list[float], iou_threshold: float) -> dict
         "overall": overall,
         "cpm": overall["cpm"],
     }
+
+
+# ---------------------------------------------------------------- patients
+
+
+WILSON_Z = 1.959963984540054  # two-sided 95 %
+
+
+def wilson_interval(successes: int, n: int) -> list[float] | None:
+    """Wilson score 95 % interval of a proportion (None when n is 0)."""
+    if n == 0:
+        return None
+    p, z2 = successes / n, WILSON_Z ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = WILSON_Z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def best_hit_scores(coco_gt: dict, detections: list[dict], classes: list[str], iou_threshold: float) -> dict:
+    """Per patient: for each class, the highest score of a detection of that class
+    that overlaps one of the patient's boxes of that class on the same slice by
+    IoU >= threshold (None: the patient has no such box; -1: none is hit), and
+    the highest score of any detection of that class ('flag', -1 without one)."""
+    patient_of = {image["id"]: str(image["patient"]) for image in coco_gt["images"]}
+    gt: dict[tuple[int, int], list] = {}
+    for ann in coco_gt.get("annotations", []):
+        gt.setdefault((ann["image_id"], ann["category_id"]), []).append(ann["bbox"])
+    result = {patient: {"hit": {name: None for name in classes}, "flag": dict.fromkeys(classes, -1.0)}
+              for patient in sorted(set(patient_of.values()))}
+    for (image_id, category_id), _boxes in gt.items():
+        result[patient_of[image_id]]["hit"][classes[category_id - 1]] = -1.0
+    for det in detections:
+        patient = result[patient_of[det["image_id"]]]
+        name = classes[det["category_id"] - 1]
+        patient["flag"][name] = max(patient["flag"][name], float(det["score"]))
+        boxes = gt.get((det["image_id"], det["category_id"]))
+        if boxes and box_iou_xywh(np.asarray([det["bbox"]]), np.asarray(boxes)).max() >= iou_threshold:
+            patient["hit"][name] = max(patient["hit"][name], float(det["score"]))
+    return result
+
+
+def _lesion_and_flag(patient: dict, classes: list[str]) -> tuple[float | None, float]:
+    """(best hit over the patient's lesion classes or None without lesions, best detection score)."""
+    hits = [patient["hit"][name] for name in classes if patient["hit"][name] is not None]
+    return (max(hits) if hits else None), max(patient["flag"][name] for name in classes)
+
+
+def operating_threshold(val_gt: dict, val_detections: list[dict], classes: list[str], target_sensitivity: float,
+                        floor: float) -> dict:
+    """The highest score threshold at which at least `target_sensitivity` of the
+    validation patients with a lesion have one of their lesions found (IoU >= 0.5).
+    When no threshold reaches it, the lowest one kept (`floor`)."""
+    scores = best_hit_scores(val_gt, val_detections, classes, 0.5)
+    hits = sorted((best for best, _ in (_lesion_and_flag(p, classes) for p in scores.values()) if best is not None),
+                  reverse=True)
+    needed = int(np.ceil(target_sensitivity * len(hits) - 1e-9))
+    reached = bool(hits) and needed >= 1 and hits[needed - 1] >= floor
+    threshold = hits[needed - 1] if reached else floor
+    return {"score_threshold": float(threshold), "chosen_on": "validation", "target_sensitivity": target_sensitivity,
+            "reached": reached, "validation_patients_with_lesion": len(hits)}
+
+
+def patient_level(coco_gt: dict, detections: list[dict], classes: list[str], threshold: float) -> dict:
+    """Per-patient results at score >= threshold: sensitivity (patients with a
+    lesion, one of whose lesions is found at IoU >= 0.1 and >= 0.5), specificity
+    (patients without any lesion on their test slices and without a detection),
+    per class and over all classes, with Wilson 95 % CIs and confusion counts."""
+    kept = [det for det in detections if det["score"] >= threshold]
+    at = {iou: best_hit_scores(coco_gt, kept, classes, iou) for iou in (0.1, 0.5)}
+
+    def proportion(successes: int, n: int) -> dict:
+        return {"value": successes / n if n else None, "ci95": wilson_interval(successes, n), "k": successes, "n": n}
+
+    def summary(names: list[str]) -> dict:
+        lesion, found = {0.1: 0, 0.5: 0}, {0.1: 0, 0.5: 0}
+        negatives = flagged = 0
+        for patient in at[0.5]:
+            for iou in (0.1, 0.5):
+                best, _ = _lesion_and_flag(at[iou][patient], names)
+                if best is not None:
+                    lesion[iou] += 1
+                    found[iou] += best >= 0
+            if all(at[0.5][patient]["hit"][name] is None for name in classes):  # no lesion of any class
+                negatives += 1
+                flagged += any(at[0.5][patient]["flag"][name] >= 0 for name in names)
+        return {
+            "sensitivity_iou10": proportion(found[0.1], lesion[0.1]),
+            "sensitivity_iou50": proportion(found[0.5], lesion[0.5]),
+            "specificity": proportion(negatives - flagged, negatives),
+            "confusion_iou50": {"tp": found[0.5], "fn": lesion[0.5] - found[0.5],
+                                "tn": negatives - flagged, "fp": flagged},
+        }
+
+    return {"score_threshold": float(threshold), "patients": len(at[0.5]), "overall": summary(list(classes)),
+            "per_class": {name: summary([name]) for name in classes}}
 
 
 def evaluate_detections(coco_gt: dict, detections: list[dict], classes: list[str],

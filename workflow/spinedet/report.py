@@ -310,6 +310,10 @@ def comparison_row(model: dict, classes: list[str]) -> dict:
         row[f"ap50_{name}_ci_estimable"] = interval.get("estimable")
         row[f"ap50_{name}_patients"] = m.get("class_counts", {}).get(name, {}).get("patients")
         row[f"ap50_{name}_boxes"] = m.get("class_counts", {}).get(name, {}).get("boxes")
+    patients = m.get("patient_level", {})
+    row["patient_score_threshold"] = patients.get("score_threshold")
+    for key in ("sensitivity_iou10", "sensitivity_iou50", "specificity"):
+        row[f"patient_{key}"] = patients.get("overall", {}).get(key, {}).get("value")
     voc = m.get("voc", {})
     row["voc07_11point_map"] = voc.get("voc07_11point", {}).get("map")
     row["voc10_all_point_map"] = voc.get("voc10_all_point", {}).get("map")
@@ -445,6 +449,94 @@ def paired_results(comparison: dict, classes: list[str]) -> list[dict]:
                     + [row(pretty(c), pair["per_class"][c], counts.get(c)) for c in classes],
         })
     return results
+
+
+def proportion_cell(entry: dict) -> dict:
+    """A patient proportion: "83.3 (5/6)" with its 95 % score interval as detail."""
+    if entry["value"] is None:
+        return cell("n/a (0 patients)")
+    low, high = entry["ci95"]
+    return cell(f"{percent(entry['value'])} ({entry['k']}/{entry['n']})", f"{percent(low)}–{percent(high)}")
+
+
+def operating_point_text(operating: dict) -> str:
+    if operating["chosen_on"] == "validation":
+        text = f"chosen on the validation split for patient sensitivity ≥ {percent(operating['target_sensitivity'], 0)} %"
+        return text if operating["reached"] else text + " (not reached there: the lowest threshold kept)"
+    if operating["chosen_on"] == "config":
+        return "fixed in the config"
+    return operating["chosen_on"]
+
+
+def patient_rows(models: list[dict], classes: list[str]) -> list[dict]:
+    """Per model, the per-patient results at its operating point: all lesions, then each class."""
+    rows = []
+    for model in models:
+        patients = model["metrics"].get("patient_level")
+        if not patients:
+            continue
+        entries = [("all lesions", patients["overall"])] + [(pretty(c), patients["per_class"][c]) for c in classes]
+        for n, (label, entry) in enumerate(entries):
+            confusion = entry["confusion_iou50"]
+            rows.append({
+                "model": model["name"] if n == 0 else "",
+                "threshold": f"{patients['score_threshold']:.3f}" if n == 0 else "",
+                "how": operating_point_text(patients["operating_point"]) if n == 0 else "",
+                "lesions": label,
+                "sensitivity_iou10": proportion_cell(entry["sensitivity_iou10"]),
+                "sensitivity_iou50": proportion_cell(entry["sensitivity_iou50"]),
+                "specificity": proportion_cell(entry["specificity"]),
+                "confusion": f"{confusion['tp']} / {confusion['fn']} / {confusion['tn']} / {confusion['fp']}",
+            })
+    return rows
+
+
+SLICE_MODES = {"mid": "the mid-sagittal slice and {half_width} on each side ({count} per patient)",
+               "annotated": "the annotated slices"}
+
+
+def methods_paragraph(config: dict, cohort: dict, test: dict, models: list[dict], rows: list[dict],
+                      paired: list[dict]) -> str:
+    """A methods-and-results paragraph for a paper, every number read from the study's outputs and config."""
+    groups = ", ".join(f"{r['total']} {r['group']}" for r in cohort["rows"])
+    splits = ", ".join(f"{name} {total}" for name, total in zip(cohort["splits"], cohort["totals"]))
+    slices_cfg = config.get("slices", {})
+    half_width = int(slices_cfg.get("half_width", 0))
+    selection = SLICE_MODES.get(slices_cfg.get("mode"), "the configured slices").format(
+        half_width=half_width, count=2 * half_width + 1)
+    trained = []
+    for model in models:
+        cfg = model["metrics"].get("weights", {}).get("model_config") or {}
+        recipe = model_recipe(model["name"], cfg)
+        iters = cfg.get("max_iters_per_epoch")
+        weights = "from random initialisation" if str(cfg.get("pretrained", "none")).lower() == "none" \
+            else "from ImageNet weights"
+        trained.append(f"{model['name']} ({recipe['backbone']}; {cfg.get('epochs')} epochs"
+                       + (f" of {iters} iterations" if iters else "")
+                       + f", batch {cfg.get('batch_size')}, SGD lr {cfg.get('lr')} with {cfg.get('scheduler', 'cosine')} "
+                       f"decay, {weights}; tested with the weights of epoch "
+                       f"{model['metrics'].get('weights', {}).get('epoch')}, the best by validation AP50)")
+    first = models[0]["metrics"]
+    results = "; ".join(
+        f"{row['model']} {percent(row['ap50'])} %"
+        + (f" (95 % CI {percent(row['ap50_ci_low'])}–{percent(row['ap50_ci_high'])})"
+           if row["ap50_ci_low"] is not None else "")
+        for row in rows)
+    text = (
+        f"The cohort held {cohort['total']} patients ({groups}), split at the patient level and stratified by "
+        f"group into {splits}. From each patient's sagittal T2-weighted series, {selection} were used; "
+        f"the test split holds {first.get('n_images')} slices of {first.get('n_patients')} patients. Faster "
+        f"R-CNN detectors were trained: {'; '.join(trained)}. Detection was scored on the test slices with COCO "
+        f"AP at IoU 0.5 (pycocotools, 101-point interpolation); 95 % confidence intervals are percentile "
+        f"intervals of {first.get('bootstrap', {}).get('draws')} bootstrap resamples of test patients. Test "
+        f"AP50: {results}.")
+    for pair in paired:
+        text += " " + pair["sentence"].replace(":", ", paired comparison:", 1)
+    if paired:
+        text += (f" Paired CIs come from patient bootstrap draws that score both models on the same resample; "
+                 f"p-values from a paired permutation test ({paired[0]['permutations']} permutations"
+                 f"{', exact' if paired[0]['exact'] else ''}).")
+    return text
 
 
 # ---------------------------------------------------------------- figures
@@ -706,6 +798,8 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
     images_root = inputs.images
 
     rows = [comparison_row(model, classes) for model in models]
+    paired = paired_results(comparison, classes)
+    test_facts = test_set_facts(test_coco, classes)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     log.info("drawing figures")
@@ -724,7 +818,7 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
         "synthetic": bool(config.get("demo", {}).get("enabled", False)),
         "classes": [pretty(c) for c in classes],
         "cohort": cohort,
-        "test": test_set_facts(test_coco, classes),
+        "test": test_facts,
         "inventory": inventory,
         "issues": issues,
         "rows": [display_row(row, classes) for row in rows],
@@ -732,7 +826,9 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
         "paper_rows": PAPER_ROWS,
         "paper_note": PAPER_NOTE,
         "paper_metric_note": PAPER_METRIC_NOTE,
-        "paired": paired_results(comparison, classes),
+        "paired": paired,
+        "patients": patient_rows(models, classes),
+        "methods": methods_paragraph(config, cohort, test_facts, models, rows, paired),
         "comparison_method": comparison.get("method", ""),
         "figures": figures,
         "evaluation": {

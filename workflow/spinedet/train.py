@@ -6,7 +6,8 @@ Layout of --out (e.g. results/models/resnet50):
                        scaler, epoch, RNG states, config, the log rows so far
 - state/best.pt        best weights so far (see `best_weights`)
 - state/train_log.csv  one row per finished epoch
-- best.pt, train_log.csv  copies of the state/ files, written at the end
+- state/val_detections.json  the best epoch's detections on the val split (COCO results)
+- best.pt, train_log.csv, val_detections.json  copies of the state/ files, written at the end
 - anchors.json         training-set lesion sizes against the anchor sizes
 
 state/ is not a declared Snakemake output, so a rerun of a killed or
@@ -524,7 +525,8 @@ def train_model(
         # regenerated slices under unchanged COCO files must not resume stale training
         "slices_sha256": images_sha256(images, train_coco, val_coco),
     }
-    checkpoint_path, best_path, log_path = (state_dir / name for name in ("checkpoint.pt", "best.pt", "train_log.csv"))
+    checkpoint_path, best_path, log_path, val_detections_path = (
+        state_dir / name for name in ("checkpoint.pt", "best.pt", "train_log.csv", "val_detections.json"))
     # What a checkpoint restores, besides the epoch, RNG states and log rows.
     resumable = {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "scaler": scaler}
     checkpoint = load_checkpoint(checkpoint_path, fingerprint)
@@ -555,10 +557,11 @@ def train_model(
                     stop=stop,
                     desc=f"{model_name} epoch {epoch}/{epochs}",
                 )
-                ap50 = None
+                ap50, val_detections = None, []
                 if len(val_set):
                     val_loader = make_loader(val_set, batch_size, False, workers, seed)
-                    ap50 = validation_ap50(val_coco, engine.predict_coco(model, val_loader, device))
+                    val_detections = engine.predict_coco(model, val_loader, device)
+                    ap50 = validation_ap50(val_coco, val_detections)
                 row = {
                     "epoch": epoch,
                     **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()},
@@ -572,6 +575,8 @@ def train_model(
                     best_ap = ap50 if ap50 is not None else best_ap
                     save_checkpoint(best_weights(model, model_name, model_cfg, classes, size, epoch, ap50, spacing),
                                     best_path)
+                    # evaluate picks its patient-level operating point on these
+                    write_json(val_detections_path, val_detections)
                 save_checkpoint(
                     {
                         **{part: state.state_dict() for part, state in resumable.items()},
@@ -600,5 +605,10 @@ def train_model(
         raise SpinedetError(f"{best_path} is missing: delete {state_dir} and train again")
     copy_file(best_path, out / "best.pt")
     copy_file(log_path, out / "train_log.csv")
+    if val_detections_path.is_file():
+        copy_file(val_detections_path, out / "val_detections.json")
+    else:  # state of a run from before val_detections.json existed
+        log.warning("%s is missing: no validation detections for the operating point", val_detections_path)
+        write_json(out / "val_detections.json", [])
     log.info("%s: best epoch weights in %s, log in %s", model_name, out / "best.pt", out / "train_log.csv")
     return 0
