@@ -41,6 +41,7 @@ include: "workflow/rules/split.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/compare.smk"
+include: "workflow/rules/cv.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -49,4 +50,6 @@ rule all:
         f"{RESULTS}/report/report.html",
         f"{RESULTS}/report/report.md",
         f"{RESULTS}/report/summary.csv",
+        # split.folds >= 2: the cross-validation summary is a result in its own right
+        rules.cv.output if FOLDS else [],
     default_target: True

@@ -445,6 +445,7 @@ def test_report_gives_the_paired_comparison_and_the_papers_metric(rendered):
                               for key in ("ap50", "voc07_11point_map", "voc10_all_point_map")]
     assert voc["ResNet-50 (Ma et al. 2020)"][1].startswith("88.6")
     assert "VOC2007 11-point" in text and "without defining it" in text
+    assert 'id="cv"' not in text  # no folds, no cross-validation table
 
 
 def test_a_class_from_too_few_patients_shows_no_interval():
@@ -481,3 +482,23 @@ def test_methods_paragraph_reads_every_number_from_the_outputs(rendered):
     assert "40 bootstrap resamples of test patients" in methods
     assert "resnet50 minus vgg16, paired comparison: ΔAP50" in methods
     assert methods in (rendered / "report.md").read_text()
+
+
+def test_cross_validation_table_when_there_are_folds(tmp_path):
+    results = tmp_path / "results"
+    write_results(results)
+    summary = results / "report" / "cv_summary.csv"
+    summary.write_text(
+        "model,folds,ap50_mean,ap50_sd,ap50_disc_herniation_mean,ap50_disc_herniation_sd,ap50_cord_injury_mean,"
+        "ap50_cord_injury_sd,ensemble_ap50,ensemble_ap50_disc_herniation,ensemble_ap50_cord_injury\n"
+        "resnet50,2,0.75,0.1,0.7,0.2,0.8,,0.81,0.79,0.83\nvgg16,2,0.5,0.05,0.4,0.1,,,0.55,0.5,\n")
+    inputs = inputs_under(results)
+    out = tmp_path / "out"
+    report.build_report(load([REPO / "config.yaml", config_file(tmp_path)]),
+                        report.ReportInputs(**{**inputs.__dict__, "cv_summary": summary}), out)
+    rows = parse((out / "report.html").read_text()).table_rows["cv"]
+    assert [c.strip() for c in rows[1]] == ["resnet50", "2", "75.0 ± 10.0", "70.0 ± 20.0", "80.0", "81.0", "79.0",
+                                            "83.0"]
+    assert [c.strip() for c in rows[2]] == ["vgg16", "2", "50.0 ± 5.0", "40.0 ± 10.0", "n/a", "55.0", "50.0", "n/a"]
+    markdown = (out / "report.md").read_text()
+    assert "| resnet50 | 2 | 75.0 ± 10.0 | 70.0 ± 20.0 | 80.0 | 81.0 | 79.0 | 83.0 |\n" in markdown

@@ -195,8 +195,9 @@ def test_reruns_are_byte_identical_whatever_the_input_order(tmp_path):
     random.Random(1).shuffle(shuffled)
     write_split(paths, tmp_path / "first", make_config(folds=3))
     write_split(shuffled, tmp_path / "second", make_config(folds=3))
-    names = sorted(p.name for p in (tmp_path / "first").iterdir())
-    assert names == ["assignments.csv", "group_counts.csv", "test.json", "train.json", "val.json"]
+    names = sorted(str(p.relative_to(tmp_path / "first")) for p in (tmp_path / "first").rglob("*") if p.is_file())
+    assert names == ["assignments.csv", *(f"fold{k}/{part}.json" for k in range(3) for part in ("train", "val")),
+                     "group_counts.csv", "test.json", "train.json", "val.json"]
     for name in names:
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
 
@@ -216,6 +217,12 @@ def test_folds_cover_train_and_val_stratified(tmp_path):
         per_fold = [sum(r["group"] == group and r["fold"] == str(k) for r in rows) for k in range(4)]
         assert max(per_fold) - min(per_fold) <= 1, (group, per_fold)
     assert {r["fold"] for r in rows if r["split"] != "test"} == {"0", "1", "2", "3"}
+    # fold k: trained on the other folds of train+val, validated on fold k; test patients in neither
+    for k in range(4):
+        train = {img["patient"] for img in json.loads((tmp_path / "split" / f"fold{k}" / "train.json").read_text())["images"]}
+        val = {img["patient"] for img in json.loads((tmp_path / "split" / f"fold{k}" / "val.json").read_text())["images"]}
+        assert val == {r["patient"] for r in rows if r["fold"] == str(k)}
+        assert train == {r["patient"] for r in rows if r["fold"] not in ("", str(k))}
 
 
 def test_no_fold_column_without_folds(tmp_path):

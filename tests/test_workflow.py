@@ -228,3 +228,30 @@ def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(s
     assert resumed and int(resumed.group(1)) >= 3, log[-2000:]
     rows = read_csv(workdir / "results" / "models" / "resnet50" / "train_log.csv")
     assert [int(row["epoch"]) for row in rows] == list(range(1, 13))
+
+
+def test_cross_validation_with_two_folds_end_to_end(smoke_study, tmp_path):
+    """split.folds: 2 on the smoke study: every model trained and tested once per
+    fold, the CV summary and the fold ensemble, and the report's CV table."""
+    workdir = tmp_path / "study"
+    shutil.copytree(smoke_study, workdir, symlinks=True)
+    paths = yaml.safe_load((workdir / "paths.yaml").read_text())
+    paths = {key: value.replace(str(smoke_study), str(workdir)) if isinstance(value, str) else value
+             for key, value in paths.items()}
+    paths["demo"] = {"out": str(workdir / "export")}
+    paths["split"] = {"folds": 2}
+    (workdir / "paths.yaml").write_text(yaml.safe_dump(paths))
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stderr[-5000:]
+    results = workdir / "results"
+    for model in MODELS:
+        for fold in (0, 1):
+            assert (results / "models" / model / f"fold{fold}" / "best.pt").is_file()
+            fold_metrics = json.loads((results / "eval" / model / f"fold{fold}" / "metrics.json").read_text())
+            assert fold_metrics["n_patients"] == json.loads((results / "eval" / model / "metrics.json")
+                                                            .read_text())["n_patients"]  # the same test split
+    summary = list(csv.DictReader((results / "report" / "cv_summary.csv").open()))
+    assert [row["model"] for row in summary] == MODELS
+    assert all(row["folds"] == "2" and row["ap50_mean"] != "" for row in summary)
+    assert json.loads((results / "report" / "cv_ensemble.json").read_text())["models"].keys() == set(MODELS)
+    assert 'id="cv"' in (results / "report" / "report.html").read_text()

@@ -4,6 +4,13 @@ from pathlib import Path
 RESULTS = config["results"]
 RESTRICTED = config["restricted"]
 MODELS = list(config["models"])
+# split.folds >= 2: each model is also trained once per cross-validation fold
+FOLDS = list(range(config["split"]["folds"]))
+
+
+wildcard_constraints:
+    model="[^/]+",
+    fold=r"\d+",
 # Logs and benchmark files live with the results they belong to, so two
 # studies with different `results` folders never share them.
 LOGS = f"{RESULTS}/logs"

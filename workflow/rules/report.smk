@@ -6,6 +6,7 @@ rule report:
         detections=expand(f"{RESULTS}/eval/{{model}}/detections.json", model=MODELS),
         train_logs=expand(f"{RESULTS}/models/{{model}}/train_log.csv", model=MODELS),
         comparison=rules.compare.output.comparison,
+        cv_summary=rules.cv.output.summary if FOLDS else [],
         group_counts=rules.split.output.group_counts,
         test=rules.split.output.test,
         inventory=rules.inventory.output.summary,
@@ -33,6 +34,7 @@ rule report:
         config=verb_config(*(section for section in config if section != "resources")),
         models=MODELS,
         out=lambda wildcards, output: Path(output.html).parent,
+        cv=lambda wildcards, input: f"--cv-summary {input.cv_summary}" if FOLDS else "",
     conda:
         "../../envs/report.yaml"
     resources:
@@ -43,4 +45,4 @@ rule report:
         " --metrics {input.metrics} --timing {input.timing} --detections {input.detections}"
         " --train-logs {input.train_logs} --comparison {input.comparison} --test {input.test} --group-counts {input.group_counts}"
         " --inventory {input.inventory} --issues {input.deid}/annotation_issues.csv --images {input.images}"
-        " --out {params.out} > {log} 2>&1"
+        " {params.cv} --out {params.out} > {log} 2>&1"

@@ -7,6 +7,7 @@ rule split:
         test=f"{RESULTS}/split/test.json",
         assignments=f"{RESULTS}/split/assignments.csv",
         group_counts=f"{RESULTS}/split/group_counts.csv",
+        folds=expand(f"{RESULTS}/split/fold{{fold}}/{{part}}.json", fold=FOLDS, part=["train", "val"]),
     log:
         f"{LOGS}/split.log",
     benchmark:

@@ -23,6 +23,7 @@ STAGES = {
     "split": "Patient-level stratified train/val/test split as COCO datasets.",
     "train": "Train one detector (resumable).",
     "evaluate": "COCO metrics, FROC, bootstrap CIs and timing on the test split.",
+    "cv": "Cross-validation summary over the folds, and the fold ensemble on the test split.",
     "compare": "Paired AP50 difference of every model pair: bootstrap CI and permutation p-value.",
     "report": "The model-comparison report (HTML, Markdown, CSV, figures).",
     "predict": "Detect lesions in a new DICOM series or NIfTI volume.",

@@ -102,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-logs", nargs="+", required=True, type=Path, help=f"train_log.csv, {per_model}")
     parser.add_argument("--comparison", required=True, type=Path,
                         help="report/comparison.json (spinedet compare): the paired model differences")
+    parser.add_argument("--cv-summary", type=Path,
+                        help="report/cv_summary.csv (spinedet cv), when split.folds >= 2")
     parser.add_argument("--test", required=True, type=Path, help="test split COCO (split/test.json)")
     parser.add_argument("--group-counts", required=True, type=Path, help="split/group_counts.csv")
     parser.add_argument("--inventory", required=True, type=Path, help="inventory/summary.json")
@@ -132,6 +134,7 @@ class ReportInputs:
     inventory: Path
     issues: Path
     images: Path
+    cv_summary: Path | None = None
 
 
 def read_model_results(files: ModelFiles) -> dict:
@@ -449,6 +452,27 @@ def paired_results(comparison: dict, classes: list[str]) -> list[dict]:
                     + [row(pretty(c), pair["per_class"][c], counts.get(c)) for c in classes],
         })
     return results
+
+
+def cv_rows(path: Path | None, classes: list[str]) -> list[dict]:
+    """cv_summary.csv as display rows: AP50 mean ± sd over the folds, and the fold ensemble."""
+    if path is None:
+        return []
+
+    def mean_sd(row: dict, key: str) -> str:
+        mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+        if mean == "":
+            return "n/a"
+        return percent(float(mean)) + ("" if sd == "" else f" ± {percent(float(sd))}")
+
+    def value(text: str) -> str:
+        return "n/a" if text == "" else percent(float(text))
+
+    return [{"model": row["model"], "folds": row["folds"], "ap50": mean_sd(row, "ap50"),
+             "per_class": [mean_sd(row, f"ap50_{c}") for c in classes],
+             "ensemble": value(row["ensemble_ap50"]),
+             "ensemble_per_class": [value(row[f"ensemble_ap50_{c}"]) for c in classes]}
+            for row in read_csv(path)]
 
 
 def proportion_cell(entry: dict) -> dict:
@@ -828,6 +852,7 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
         "paper_metric_note": PAPER_METRIC_NOTE,
         "paired": paired,
         "patients": patient_rows(models, classes),
+        "cv": cv_rows(inputs.cv_summary, classes),
         "methods": methods_paragraph(config, cohort, test_facts, models, rows, paired),
         "comparison_method": comparison.get("method", ""),
         "figures": figures,
@@ -865,6 +890,6 @@ def run(args: argparse.Namespace) -> int:
     models = [ModelFiles(*files) for files in zip(args.models, args.metrics, args.timing, args.detections,
                                                   args.train_logs)]
     inputs = ReportInputs(models, args.comparison, args.test, args.group_counts, args.inventory, args.issues,
-                          args.images)
+                          args.images, args.cv_summary)
     build_report(config, inputs, args.out)
     return 0

@@ -36,7 +36,8 @@ out, with a log line.
 
 Folds (`split.folds` = k >= 2): `StratifiedKFold(k, shuffle, seed)` over the
 train+val patients, stratified by group; test patients stay held out and
-have an empty `fold`.
+have an empty `fold`. For each fold i, `fold{i}/train.json` holds the
+train+val patients of the other folds and `fold{i}/val.json` those of fold i.
 
 Same inputs and seed give byte-identical outputs (the order the COCO files
 are read in does not matter).
@@ -239,6 +240,14 @@ def write_split(coco_paths: list[Path], out_dir: Path, config: dict) -> dict[str
             len(merged["images"]),
             len(merged["annotations"]),
         )
+    for fold in range(folds):
+        # fold i: trained on the other folds of train+val, selected on fold i
+        for part, patients in (("train", [p for p in fold_of if fold_of[p] != fold]),
+                               ("val", [p for p in fold_of if fold_of[p] == fold])):
+            merged = merge_cocos([patient_cocos[p] for p in sorted(patients)], categories, f"fold{fold}_{part}")
+            write_json(out_dir / f"fold{fold}" / f"{part}.json", merged, sort_keys=True)
+        log.info("fold %d: %d train, %d val patients", fold, sum(f != fold for f in fold_of.values()),
+                 sum(f == fold for f in fold_of.values()))
     return assignment
 
 
