@@ -39,6 +39,7 @@ IDENTICAL_FILES = [
     "slices/sub-*/*.png",
     "split/*.json",
     "split/*.csv",
+    "report/comparison.json",
     "eval/*/detections.json",
 ]
 

@@ -72,14 +72,13 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_number(tmp_path):
         for precision in ("amp", "fp32"):
             assert result[precision]["batch_1"]["latency_s"]["n"] == 3  # 4 test images, 1 warm-up
             assert result[precision]["batch_2"]["batch_seconds"]["n"] == 2
-            ap50 = result[precision]["ap50"]
-            assert ap50 is None or 0.0 <= ap50 <= 1.0
+            assert 0.0 <= result[precision]["ap50"] <= 1.0  # the test slices hold boxes: AP50 is defined
         # autocast is CUDA-only: on the CPU both passes are the same fp32 network
         assert result["amp"]["detections"] == result["fp32"]["detections"]
-        assert result["ap50_amp_minus_fp32"] in (None, 0.0)
+        assert result["ap50_amp_minus_fp32"] == 0.0
         assert result["paper_s_per_image"] == {"resnet50": 0.22, "vgg16": 0.24}[name]
         assert result["times_faster_than_paper"] > 0
-    assert report["goal"]["met"] in (True, False)
+    assert report["goal"]["met"] is False  # 0.011 s/image at batch 1 is a GPU's goal, not a CPU's
 
     train_log = (out / "verb_train_log.csv").read_text().splitlines()
     assert train_log[0].startswith("epoch,") and len(train_log) == 3  # two epochs
