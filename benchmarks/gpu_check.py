@@ -196,11 +196,11 @@ def git_commit() -> str | None:
 
 
 def summary(args: argparse.Namespace, argv: list[str] | None, plan: dict, results: dict, device: torch.device,
-            seconds: float) -> dict:
+            seconds: float, commit: str | None) -> dict:
     resnet50 = results.get("resnet50", {}).get("s_per_image_batch_1")
     return {
         "check": "benchmarks/gpu_check.py",
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "plan": plan,
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = load(args.config)
     plan = settings(args)
     started = time.perf_counter()
+    commit = git_commit()
     results = {}
     for name in args.models:
         try:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             log.exception("%s failed", name)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         # written after every model: a check cut short by the lease keeps what it measured
-        report = summary(args, argv, plan, results, device, time.perf_counter() - started)
+        report = summary(args, argv, plan, results, device, time.perf_counter() - started, commit)
         write_json(args.out, report, indent=1)
     log.info("wrote %s in %.0f s", args.out, report["seconds"])
     for name, result in results.items():

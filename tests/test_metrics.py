@@ -370,12 +370,12 @@ def test_voc_matching_takes_only_the_best_overlap_box_and_iou_above_half():
     # best overlap is box 1 (IoU 1), already claimed by the first detection: FP,
     # although box 0 overlaps it by IoU 6/14 < 0.5 anyway; the third is box 0 exactly.
     dets = np.array([[4, 0, 10, 10], [4, 0, 10, 10], [0, 0, 10, 10]], dtype=float)
-    _, tp = metrics.match_image_voc(gt, dets, np.array([0.9, 0.8, 0.7]))
+    _, tp = metrics.match_image(gt, dets, np.array([0.9, 0.8, 0.7]), 0.5, None, style="voc")
     assert tp.tolist() == [True, False, True]
     # IoU exactly 0.5 counts for COCO (>=), not for VOC (>)
     half = np.array([[0, 0, 10, 10]], dtype=float)
     shifted = np.array([[0, 0, 10, 5]], dtype=float)  # IoU 50/100
-    assert metrics.match_image_voc(half, shifted, np.array([1.0]))[1].tolist() == [False]
+    assert metrics.match_image(half, shifted, np.array([1.0]), 0.5, None, style="voc")[1].tolist() == [False]
     assert metrics.match_image(half, shifted, np.array([1.0]), 0.5)[1].tolist() == [True]
 
 

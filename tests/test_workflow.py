@@ -53,6 +53,16 @@ def smoke_study(tmp_path_factory) -> Path:
     return workdir
 
 
+def copy_study(smoke_study: Path, workdir: Path, overrides: dict) -> Path:
+    """A copy of the smoke study at `workdir`, its paths moved there and `overrides` added to its config."""
+    shutil.copytree(smoke_study, workdir, symlinks=True)
+    paths = yaml.safe_load((workdir / "paths.yaml").read_text())
+    paths = {key: value.replace(str(smoke_study), str(workdir)) if isinstance(value, str) else value
+             for key, value in paths.items()}
+    paths["demo"] = {"out": str(workdir / "export")}
+    (workdir / "paths.yaml").write_text(yaml.safe_dump({**paths, **overrides}))
+    return workdir
+
 def test_report_has_a_row_per_model(smoke_study):
     with (smoke_study / "results" / "report" / "summary.csv").open() as fh:
         assert [row["model"] for row in csv.DictReader(fh)] == MODELS
@@ -193,14 +203,8 @@ def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(s
     """kill -9 of the training process mid-run, as an OOM killer or a node failure
     would: the same command again finishes the study, and training resumes from
     its last epoch's checkpoint instead of starting over."""
-    workdir = tmp_path / "study"
-    shutil.copytree(smoke_study, workdir, symlinks=True)
-    paths = yaml.safe_load((workdir / "paths.yaml").read_text())
-    paths = {key: value.replace(str(smoke_study), str(workdir)) if isinstance(value, str) else value
-             for key, value in paths.items()}
-    paths["demo"] = {"out": str(workdir / "export")}
-    paths["models"] = {"resnet50": {"epochs": 12}}  # long enough to be killed between two epochs
-    (workdir / "paths.yaml").write_text(yaml.safe_dump(paths))
+    # long enough to be killed between two epochs
+    workdir = copy_study(smoke_study, tmp_path / "study", {"models": {"resnet50": {"epochs": 12}}})
     for done in ("models/resnet50", "eval/resnet50", "report"):  # train it again, from scratch
         shutil.rmtree(workdir / "results" / done)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -233,14 +237,7 @@ def test_a_study_killed_in_training_completes_on_rerun_resuming_its_checkpoint(s
 def test_cross_validation_with_two_folds_end_to_end(smoke_study, tmp_path):
     """split.folds: 2 on the smoke study: every model trained and tested once per
     fold, the CV summary and the fold ensemble, and the report's CV table."""
-    workdir = tmp_path / "study"
-    shutil.copytree(smoke_study, workdir, symlinks=True)
-    paths = yaml.safe_load((workdir / "paths.yaml").read_text())
-    paths = {key: value.replace(str(smoke_study), str(workdir)) if isinstance(value, str) else value
-             for key, value in paths.items()}
-    paths["demo"] = {"out": str(workdir / "export")}
-    paths["split"] = {"folds": 2}
-    (workdir / "paths.yaml").write_text(yaml.safe_dump(paths))
+    workdir = copy_study(smoke_study, tmp_path / "study", {"split": {"folds": 2}})
     run = snakemake(workdir)
     assert run.returncode == 0, run.stderr[-5000:]
     results = workdir / "results"

@@ -115,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
     fold_detections = {m: [read_json(p) for p in args.detections[i * folds:(i + 1) * folds]]
                        for i, m in enumerate(args.models)}
     rows, ensemble = summarise(config, args.models, fold_metrics, fold_detections, read_json(args.test))
-    write_csv(args.summary, [{k: "" if v is None else v for k, v in row.items()} for row in rows], list(rows[0]))
+    write_csv(args.summary, rows, list(rows[0]))
     write_json(args.ensemble, ensemble, indent=1)
     return 0

@@ -169,14 +169,18 @@ def box_iou_xywh(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
         return np.where(union > 0, inter / union, 0.0)
 
 
-def match_image(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
-                iou_threshold: float, max_dets: int | None = COCO_MAX_DETS) -> tuple[np.ndarray, np.ndarray]:
-    """Match one image's detections of one class to its ground truth, COCO style.
+def match_image(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray, iou_threshold: float,
+                max_dets: int | None = COCO_MAX_DETS, style: str = "coco") -> tuple[np.ndarray, np.ndarray]:
+    """Match one image's detections of one class to its ground truth.
 
     Detections are taken highest score first (stable for ties), at most
-    `max_dets`; each one claims the unmatched ground-truth box of highest IoU
-    >= threshold (a later box wins an IoU tie, as in pycocotools). Returns the
-    kept scores (sorted) and whether each is a true positive.
+    `max_dets`. COCO style: each one claims the unmatched ground-truth box of
+    highest IoU >= threshold (a later box wins an IoU tie, as in pycocotools).
+    VOC style (the PASCAL devkit's): each looks only at the box it overlaps
+    most, and is a true positive when that IoU is above (not at) the threshold
+    and that box is still unclaimed; boxes are continuous coordinates (no +1
+    pixel widths). Returns the kept scores (sorted) and whether each is a true
+    positive.
     """
     order = np.argsort(-np.asarray(det_scores, dtype=float), kind="mergesort")
     if max_dets is not None:
@@ -189,11 +193,16 @@ def match_image(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndar
     gt_taken = np.zeros(len(gt_boxes), dtype=bool)
     threshold = min(iou_threshold, 1 - 1e-10)
     for d in range(len(order)):
-        best_iou, best_gt = threshold, -1
-        for g in range(len(gt_boxes)):
-            if gt_taken[g] or ious[d, g] < best_iou:
-                continue
-            best_iou, best_gt = ious[d, g], g
+        if style == "voc":
+            best_gt = int(np.argmax(ious[d]))
+            if ious[d, best_gt] <= iou_threshold or gt_taken[best_gt]:
+                best_gt = -1
+        else:
+            best_iou, best_gt = threshold, -1
+            for g in range(len(gt_boxes)):
+                if gt_taken[g] or ious[d, g] < best_iou:
+                    continue
+                best_iou, best_gt = ious[d, g], g
         if best_gt >= 0:
             gt_taken[best_gt] = True
             is_tp[d] = True
@@ -215,8 +224,7 @@ class Matches:
 def match_detections(coco_gt: dict, detections: list[dict], classes: list[str],
                      iou_threshold: float, max_dets: int | None = COCO_MAX_DETS, style: str = "coco") -> Matches:
     """Match every image's detections to its ground truth, class by class, the
-    COCO way (match_image) or the PASCAL VOC way (style="voc": match_image_voc,
-    no cap on detections).
+    COCO way or the PASCAL VOC way (style="voc", see match_image).
 
     Images are taken in increasing id order (as pycocotools does), including
     images with neither ground truth nor detections.
@@ -243,16 +251,22 @@ def match_detections(coco_gt: dict, detections: list[dict], classes: list[str],
             dets = dt_by_key.get((image_id, k + 1), [])
             det_boxes = np.asarray([d["bbox"] for d in dets], dtype=float).reshape(-1, 4)
             det_scores = np.asarray([d["score"] for d in dets], dtype=float)
-            if style == "voc":
-                s, tp = match_image_voc(gt_boxes, det_boxes, det_scores, iou_threshold)
-            else:
-                s, tp = match_image(gt_boxes, det_boxes, det_scores, iou_threshold, max_dets)
+            s, tp = match_image(gt_boxes, det_boxes, det_scores, iou_threshold, max_dets, style)
             class_scores.append(s)
             class_tp.append(tp)
             n_gt[k, i] = len(gt_boxes)
         scores.append(class_scores)
         is_tp.append(class_tp)
     return Matches(image_ids, list(classes), scores, is_tp, n_gt)
+
+
+def precision_recall(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall after each detection, highest score first (stable for ties)."""
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
+    tp = np.asarray(is_tp, dtype=bool)[order]
+    tp_sum = np.cumsum(tp).astype(float)
+    fp_sum = np.cumsum(~tp).astype(float)
+    return tp_sum / (fp_sum + tp_sum + np.spacing(1)), tp_sum / n_gt
 
 
 def coco_average_precision(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> float | None:
@@ -264,14 +278,9 @@ def coco_average_precision(scores: np.ndarray, is_tp: np.ndarray, n_gt: int) -> 
     """
     if n_gt == 0:
         return None
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
-    tp = np.asarray(is_tp, dtype=bool)[order]
-    tp_sum = np.cumsum(tp).astype(float)
-    fp_sum = np.cumsum(~tp).astype(float)
-    if len(tp) == 0:
+    if len(scores) == 0:
         return 0.0
-    recall = tp_sum / n_gt
-    precision = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+    precision, recall = precision_recall(scores, is_tp, n_gt)
     # precision envelope: best precision at any higher recall
     precision = np.maximum.accumulate(precision[::-1])[::-1]
     at = np.searchsorted(recall, RECALL_GRID, side="left")
@@ -365,43 +374,13 @@ def bootstrap_ap50(matches: Matches, images_by_patient: dict[str, list[int]],
 # ---------------------------------------------------------------- PASCAL VOC AP
 
 
-def match_image_voc(gt_boxes: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
-                    iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Match one image's detections of one class the PASCAL VOC devkit's way.
-
-    Detections highest score first, all of them (no per-image cap); each looks
-    at the ground-truth box it overlaps most, and is a true positive only when
-    that IoU is above (not at) the threshold and that box is still unclaimed.
-    Unlike COCO, a detection whose best box is taken does not fall back on
-    another one. Boxes are continuous coordinates (no +1 pixel widths).
-    """
-    order = np.argsort(-np.asarray(det_scores, dtype=float), kind="mergesort")
-    scores = np.asarray(det_scores, dtype=float)[order]
-    is_tp = np.zeros(len(order), dtype=bool)
-    if len(order) == 0 or len(gt_boxes) == 0:
-        return scores, is_tp
-    ious = box_iou_xywh(np.asarray(det_boxes)[order], gt_boxes)
-    gt_taken = np.zeros(len(gt_boxes), dtype=bool)
-    for d in range(len(order)):
-        best_gt = int(np.argmax(ious[d]))
-        if ious[d, best_gt] > iou_threshold and not gt_taken[best_gt]:
-            gt_taken[best_gt] = True
-            is_tp[d] = True
-    return scores, is_tp
-
-
 def voc_average_precision(scores: np.ndarray, is_tp: np.ndarray, n_gt: int, eleven_point: bool) -> float | None:
     """PASCAL VOC AP: the 11-point form of VOC2007 (mean of the best precision
     at recall >= 0, 0.1, ..., 1) or the all-point form of VOC2010 and later (area
     under the precision envelope). None without ground truth."""
     if n_gt == 0:
         return None
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
-    tp = np.asarray(is_tp, dtype=bool)[order]
-    tp_sum = np.cumsum(tp).astype(float)
-    fp_sum = np.cumsum(~tp).astype(float)
-    recall = tp_sum / n_gt
-    precision = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(float).eps)
+    precision, recall = precision_recall(scores, is_tp, n_gt)
     if eleven_point:
         return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
                               for t in np.arange(0.0, 1.1, 0.1)]))  # the devkit's grid, float steps and all
