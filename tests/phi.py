@@ -22,7 +22,9 @@ To keep chance collisions with numbers in the outputs away, values shorter
 than MIN_LENGTH (6) characters are not searched, except name parts, which
 are searched from MIN_NAME_LENGTH (3). A value only counts where it is not
 glued to further letters or digits (so the date 20190312 is not found
-inside 201903121, and a UID is not found inside a longer digit run).
+inside 201903121, and a UID is not found inside a longer digit run), and
+an all-digit value not as the fraction of a number (the time 152956 in a
+score 0.152956).
 Matching ignores ASCII case.
 
 `scan_tree` looks at every file and folder under a root: its relative
@@ -232,9 +234,16 @@ class PhiMatcher:
                 start, end = run.start() - offset, run.start() - offset + len(needle)
                 if (start >= 0 and data.startswith(needle, start)
                         and (start == 0 or data[start - 1] not in _ALNUM_BYTES)
-                        and (end >= len(data) or data[end] not in _ALNUM_BYTES)):
+                        and (end >= len(data) or data[end] not in _ALNUM_BYTES)
+                        and not _is_decimal_fraction(data, start, needle)):
                     found.setdefault(value, keyword)
         return found
+
+
+def _is_decimal_fraction(data: bytes, start: int, needle: bytes) -> bool:
+    """An all-digit value right after "<digit>." is the fraction of a number
+    (a time 152956 in a score 0.152956), not a value written out."""
+    return needle.isdigit() and start >= 2 and data[start - 1:start] == b"." and data[start - 2:start - 1].isdigit()
 
 
 def _png_chunks(data: bytes) -> tuple[bytes, list[bytes]]:

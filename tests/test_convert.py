@@ -24,7 +24,7 @@ def write_named_series(folder, patient_id, n, iops=None, name="IM_Doe_John_{i}")
 
 def series_row(series_uid, paths):
     return {"series_uid": series_uid, "files": ";".join(p.as_posix() for p in paths),
-            "rows": 64, "columns": 64}
+            "rows": 64, "columns": 64, "n_slices": len(paths)}
 
 
 def test_dcm2niix_comes_from_the_pip_package():
@@ -35,7 +35,7 @@ def test_dcm2niix_comes_from_the_pip_package():
 
 def test_one_series_becomes_one_volume_without_raw_names(tmp_path):
     uid, paths = write_named_series(tmp_path / "raw", "P1", 4)
-    result = run_dcm2niix(paths, tmp_path / "out" / "0001", pixels_per_file=64 * 64)
+    result = run_dcm2niix(paths, tmp_path / "out" / "0001", pixels_per_image=64 * 64)
     assert result["status"] == "converted", result["message"]
     assert Path(result["nifti"]).name == "series.nii.gz" and Path(result["sidecar"]).name == "series.json"
     assert nib.load(result["nifti"]).shape == (4, 64, 64)  # MR_small is a 3D acquisition: dcm2niix rotates it
@@ -62,7 +62,7 @@ def test_split_empty_and_missing_series_are_quarantined(tmp_path):
 
 def test_wrong_voxel_count_is_quarantined(tmp_path):
     _, paths = write_named_series(tmp_path / "raw", "P1", 3)
-    result = run_dcm2niix(paths, tmp_path / "out", pixels_per_file=32 * 32)
+    result = run_dcm2niix(paths, tmp_path / "out", pixels_per_image=32 * 32)
     assert result["status"] == "quarantined" and "does not hold" in result["message"]
 
 
@@ -96,7 +96,7 @@ def test_cli_writes_conversions_csv(tmp_path):
     uid, paths = write_named_series(tmp_path / "raw", "P1", 3)
     series_csv, selection_csv = tmp_path / "series.csv", tmp_path / "selection.csv"
     with series_csv.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["series_uid", "files", "rows", "columns"])
+        writer = csv.DictWriter(fh, fieldnames=["series_uid", "files", "rows", "columns", "n_slices"])
         writer.writeheader()
         writer.writerow(series_row(uid, paths))
     selection_csv.write_text(f"row,patient_id,group,series_uid,status,reason\n1,P1,disc,{uid},selected,ok\n")

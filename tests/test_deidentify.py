@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from spinedet.cli import main
 from spinedet.config import load
 from spinedet.convert import convert_all
 from spinedet.deidentify import (
+    KEY_FILE_NAME,
     SIDECAR_ALLOWLIST,
     bids_suffix,
     deidentify,
@@ -370,3 +372,59 @@ def test_restricted_inside_the_output_is_refused(tmp_path):
                  "--restricted", str(tmp_path / "out" / "restricted"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------
+# Enhanced MR: annotations on frames
+
+
+def test_an_enhanced_mr_export_gives_the_classic_exports_volumes_and_boxes(tmp_path, config):
+    """The same synthetic patients written as classic MR and as Enhanced MR (one
+    multi-frame file per series, annotations on sop_instance_uid + frame_number)
+    go through inventory, dcm2niix and deidentify to the same voxels and boxes."""
+    from spinedet.synthesize import synthesize
+
+    results = {}
+    for name, fraction in [("classic", 0.0), ("enhanced", 1.0)]:
+        export = tmp_path / name / "export"
+        summary = synthesize(export, patients=3, matrix=64, seed=5, enhanced_fraction=fraction)
+        assert summary["enhanced_mr_patients"] == (3 if fraction else 0)
+        annotations = read_rows(export / "annotations.csv")
+        assert annotations and all(bool(row["frame_number"]) == bool(fraction) for row in annotations)
+        if results:  # the same key, so the same pseudonyms
+            (tmp_path / name / "restricted").mkdir(parents=True)
+            shutil.copy2(tmp_path / "classic" / "restricted" / KEY_FILE_NAME, tmp_path / name / "restricted")
+        out, _ = run_ingest(tmp_path / name, export / "DICOM", export / "cohort.csv", export / "annotations.csv",
+                            config)
+        assert read_rows(out / "annotation_issues.csv") == []
+        results[name] = out
+    subjects = sorted(p.name for p in results["classic"].glob("sub-*"))
+    assert subjects == sorted(p.name for p in results["enhanced"].glob("sub-*")) and len(subjects) == 3
+    for subject in subjects:
+        pseudo = subject.removeprefix("sub-")
+        classic, enhanced = (subject_paths(results[name], pseudo) for name in ("classic", "enhanced"))
+        assert json.loads(classic["boxes"].read_text()) == json.loads(enhanced["boxes"].read_text())
+        a, b = nib.load(classic["nifti"]), nib.load(enhanced["nifti"])
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize(("frames", "frame_number", "expected"), [
+    (3, "2", 2), (3, "2.0", 2), (3, " 3 ", 3), (1, "", None), (1, "1", None),
+    (3, "", "give frame_number"), (3, "0", "not one of the instance's frames (1..3)"),
+    (3, "4", "not one of the instance's frames (1..3)"), (3, "x", "not one of"), (1, "2", "(1..1)"),
+])
+def test_the_annotated_frame_is_checked(frames, frame_number, expected):
+    from spinedet.deidentify import AnnotationIssue, annotated_plane
+
+    row = {"image_orientation": json.dumps(SAGITTAL), "pixel_spacing": "[0.5, 0.5]",
+           "image_position": "[0.0, 0.0, 0.0]",
+           "frame_positions": json.dumps([[-3.0 * k, 0.0, 0.0] for k in range(frames)]) if frames > 1 else ""}
+    if isinstance(expected, str):
+        with pytest.raises(AnnotationIssue, match=re.escape(expected)) as caught:
+            annotated_plane(row, frame_number, "P1")
+        assert caught.value.reason == "unknown_frame"
+    else:
+        plane = annotated_plane(row, frame_number, "P1")
+        assert plane["frame_number"] == expected
+        assert plane["ipp"] == ([-3.0 * (expected - 1), 0.0, 0.0] if expected else [0.0, 0.0, 0.0])

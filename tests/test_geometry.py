@@ -252,7 +252,7 @@ def test_marker_lands_in_mapped_box_after_real_dcm2niix(
     instance = next(item for item in written if item["slice_index"] == k)
     series_uid = files[0]["series_uid"]
 
-    result = run_dcm2niix([item["path"] for item in written], folder / "nifti", pixels_per_file=rows * cols)
+    result = run_dcm2niix([item["path"] for item in written], folder / "nifti", pixels_per_image=rows * cols)
     assert result["status"] == "converted", result["message"]
     image = nib.load(result["nifti"])
     voxels = np.asarray(image.dataobj).squeeze()

@@ -405,3 +405,80 @@ def test_a_4d_series_with_more_images_loses_to_a_3d_one(tmp_path, config):
     dwi = next(s for s in series if s["series_uid"] == uid)
     assert (dwi["n_slices"], dwi["positions"], dwi["missing_slices"]) == (20, 5, 0)
     assert selection[0]["series_uid"] == anatomical
+
+
+# --------------------------------------------------------------------------
+# Enhanced MR (multi-frame)
+
+
+def write_enhanced(folder, n_frames=4, *, edit=None):
+    """An Enhanced MR series (one file, `n_frames` sagittal frames) by the demo writer; (path, frames)."""
+    import numpy as np
+
+    from spinedet.demo.dicom_writer import write_series as write_demo_series
+
+    volume = (np.arange(n_frames * 16 * 16).reshape(n_frames, 16, 16) % 4000).astype(np.uint16)
+    frames = write_demo_series(folder, volume, ipp_first=[4.0, -50.0, 60.0], iop=SAGITTAL, pixel_spacing=[0.8, 0.7],
+                               slice_step=3.5, header={"PatientID": "P1"}, description="T2 SAG", enhanced=True)
+    path = frames[0]["path"]
+    if edit is not None:
+        dataset = pydicom.dcmread(path)
+        edit(dataset)
+        dataset.save_as(path, enforce_file_format=True)
+    return path, frames
+
+
+def test_an_enhanced_mr_file_is_read_frame_by_frame(tmp_path):
+    from spinedet.dicom import image_planes
+
+    path, frames = write_enhanced(tmp_path, 4)
+    row = read_file(path)
+    assert (row["status"], row["kind"], row["sop_class_uid"]) == ("ok", "image", "1.2.840.10008.5.1.4.1.1.4.1")
+    assert (row["frames"], row["rows"], row["columns"], row["orientation"]) == (4, 16, 16, "sagittal")
+    assert json.loads(row["pixel_spacing"]) == [0.8, 0.7]
+    # slice normal = row x column direction = (0,1,0) x (0,0,-1) = (-1,0,0): 3.5 mm steps along -x
+    assert json.loads(row["frame_positions"]) == [[4.0 - 3.5 * k, -50.0, 60.0] for k in range(4)]
+    planes = image_planes({**row, "path": str(path)})
+    assert [plane["frame_number"] for plane in planes] == [1, 2, 3, 4]
+    assert [frame["frame_number"] for frame in frames] == [1, 2, 3, 4]
+    series = build_series([{**row, "path": str(path)}])
+    assert len(series) == 1
+    assert (series[0]["n_slices"], series[0]["positions"], series[0]["missing_slices"]) == (4, 4, 0)
+
+
+def test_a_classic_file_has_one_plane_and_one_frame(tmp_path):
+    from spinedet.dicom import image_planes
+
+    write_mr(tmp_path / "IM1", "P1", "1.2.3", 1)
+    row = read_file(tmp_path / "IM1")
+    assert (row["frames"], row["frame_positions"]) == (1, "")
+    assert [plane["frame_number"] for plane in image_planes(row)] == [None]
+
+
+def test_enhanced_mr_without_its_frame_geometry_is_quarantined_saying_where(tmp_path):
+    def drop_position(dataset):
+        del dataset.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+
+    def wrong_count(dataset):
+        dataset.NumberOfFrames = 5
+
+    missing = read_file(write_enhanced(tmp_path / "a", edit=drop_position)[0])
+    assert (missing["status"], missing["reason"]) == ("quarantined", "missing_attributes")
+    assert "ImagePositionPatient (in the functional groups of some frames)" in missing["detail"]
+    count = read_file(write_enhanced(tmp_path / "b", edit=wrong_count)[0])
+    assert (count["reason"], count["detail"].split(":")[0]) == (
+        "missing_attributes", "4 per-frame functional groups for NumberOfFrames 5")
+
+
+def test_enhanced_mr_frames_in_two_orientations_are_mixed(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def tilt_one_frame(dataset):
+        orientation = Dataset()
+        orientation.ImageOrientationPatient = AXIAL
+        dataset.PerFrameFunctionalGroupsSequence[1].PlaneOrientationSequence = Sequence([orientation])
+
+    row = read_file(write_enhanced(tmp_path, edit=tilt_one_frame)[0])
+    assert (row["status"], row["orientation"]) == ("ok", "mixed")
+    assert build_series([{**row, "path": "x"}])[0]["orientation"] == "mixed"

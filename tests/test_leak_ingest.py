@@ -176,8 +176,9 @@ def test_rerun_with_the_same_key_is_byte_identical(ingested):
 def test_scanner_finds_planted_values(tmp_path):
     phi = {"Doe^Jane": "PatientName", "Jane": "PatientName", "20190312": "StudyDate",
            "2019-03-12": "StudyDate", "1.2.826.0.1.3680043.8.498.1234567": "SOPInstanceUID",
-           "Secret General Hospital": "InstitutionName"}
+           "Secret General Hospital": "InstitutionName", "152956": "StudyTime"}
     (tmp_path / "20190312_scan.txt").write_text("nothing here")
+    (tmp_path / "sidecar.txt").write_text("AcquisitionTime=152956.000")
     (tmp_path / "volume.nii.gz").write_bytes(gzip.compress(b"\0" * 100 + b"descrip DOE^JANE" + b"\0" * 100))
     named = io.BytesIO()
     with gzip.GzipFile("Jane.nii", "wb", fileobj=named, mtime=0) as fh:
@@ -194,11 +195,13 @@ def test_scanner_finds_planted_values(tmp_path):
     chunk = len(text).to_bytes(4, "big") + b"zTXt" + text + b"\0\0\0\0"
     (tmp_path / "slice.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
     (tmp_path / "uid.json").write_text('{"uid": "1.2.826.0.1.3680043.8.498.1234567"}')
+    # a time as the fraction of a number (a detection score) is chance, not a leak
     (tmp_path / "clean.json").write_text('{"n": 201903121, "uid": "1.2.826.0.1.3680043.8.498.12345678", '
-                                         '"who": "Janet"}')
+                                         '"who": "Janet", "score": 0.152956}')
     found = {(h.path, h.where, h.value) for h in scan_tree(tmp_path, phi)}
     assert found == {
         ("20190312_scan.txt", "name", "20190312"),
+        ("sidecar.txt", "content", "152956"),
         ("volume.nii.gz", "content (gunzipped)", "Doe^Jane"),
         ("volume.nii.gz", "content (gunzipped)", "Jane"),
         ("named.gz", "gzip header", "Jane"),

@@ -14,10 +14,11 @@ from PIL import Image
 
 from spinedet import SpinedetError
 from spinedet.geometry import pixel_box_to_voxel_box
-from spinedet.dicom import list_files, read_file
+from spinedet.dicom import image_planes, list_files, read_file
 from spinedet.predict import convert_series, predict, read_series
 from spinedet.canonical import to_canonical
 from spinedet.slices import map_box
+from spinedet.synthesize import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,12 +75,13 @@ def study_truth(export: Path, series_uid: str, rows: list[dict], headers: list[d
     volume = to_canonical(image)
     canonical = []
     for row in rows:
-        instance = files[row["sop_instance_uid"]]
+        planes = image_planes(files[row["sop_instance_uid"]])
+        plane = planes[int(row["frame_number"]) - 1 if row.get("frame_number") else 0]
         voxel_box = pixel_box_to_voxel_box(
             [float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max")],
-            json.loads(instance["image_position"]),
-            json.loads(instance["image_orientation"]),
-            json.loads(instance["pixel_spacing"]),
+            plane["ipp"],
+            plane["iop"],
+            plane["pixel_spacing"],
             image.affine,
             shape=image.shape,
         )
@@ -92,18 +94,30 @@ def study_truth(export: Path, series_uid: str, rows: list[dict], headers: list[d
     )
 
 
-@pytest.fixture(scope="module")
-def lesion_studies(smoke_export, tmp_path_factory) -> list[SimpleNamespace]:
-    """Every annotated study of the smoke export (their geometries differ: flips, obliques, slice order)."""
-    with (smoke_export / "annotations.csv").open() as fh:
+def annotated_studies(export: Path, tmp_path_factory) -> list[SimpleNamespace]:
+    with (export / "annotations.csv").open() as fh:
         annotations = list(csv.DictReader(fh))
-    headers = [{**read_file(path), "path": path.as_posix()} for path in list_files(smoke_export / "DICOM")]
+    headers = [{**read_file(path), "path": path.as_posix()} for path in list_files(export / "DICOM")]
     studies = []
     for series_uid in dict.fromkeys(row["series_uid"] for row in annotations):
         rows = [row for row in annotations if row["series_uid"] == series_uid]
-        studies.append(study_truth(smoke_export, series_uid, rows, headers, tmp_path_factory.mktemp("predict_truth")))
+        studies.append(study_truth(export, series_uid, rows, headers, tmp_path_factory.mktemp("predict_truth")))
     assert len(studies) >= 2
     return studies
+
+
+@pytest.fixture(scope="module")
+def lesion_studies(smoke_export, tmp_path_factory) -> list[SimpleNamespace]:
+    """Every annotated study of the smoke export (their geometries differ: flips, obliques, slice order)."""
+    return annotated_studies(smoke_export, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def enhanced_lesion_studies(tmp_path_factory) -> list[SimpleNamespace]:
+    """Annotated studies exported as Enhanced MR: one multi-frame file per series."""
+    export = tmp_path_factory.mktemp("enhanced_export")
+    synthesize(export, patients=4, matrix=64, seed=5, enhanced_fraction=1.0)
+    return annotated_studies(export, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +133,11 @@ def replay_truth(canonical) -> ReplayModel:
     return ReplayModel(boxes)
 
 
-def test_dicom_boxes_map_back_to_the_annotated_instances(lesion_studies, tmp_path):
-    """Canonical boxes of the annotations, fed through predict, come back as the annotation rows."""
+@pytest.mark.parametrize("studies", ["lesion_studies", "enhanced_lesion_studies"])
+def test_dicom_boxes_map_back_to_the_annotated_instances(studies, request, tmp_path):
+    """Canonical boxes of the annotations, fed through predict, come back as the annotation
+    rows: on the instance, or on the frame of a multi-frame (Enhanced MR) instance."""
+    lesion_studies = request.getfixturevalue(studies)
     for number, study in enumerate(lesion_studies):
         model = replay_truth(study.canonical)
         out = tmp_path / f"prediction-{number}"
@@ -138,6 +155,7 @@ def test_dicom_boxes_map_back_to_the_annotated_instances(lesion_studies, tmp_pat
             dicom = det["dicom"]
             assert dicom["sop_instance_uid"] == row["sop_instance_uid"]
             assert dicom["instance_number"] == int(row["instance_number"])
+            assert dicom["frame_number"] == (int(row["frame_number"]) if row["frame_number"] else None)
             for key in ("x_min", "y_min", "x_max", "y_max"):
                 assert dicom[key] == pytest.approx(float(row[key]), abs=0.02), key
 

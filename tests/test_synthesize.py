@@ -329,3 +329,56 @@ def test_render_series_masks_follow_the_geometry():
     # flipping the rows also flips the normal, so the spatial slice order reverses
     assert masks.any()
     assert np.array_equal(masks, flipped_masks[:, ::-1, :, ::-1])
+
+
+# ------------------------------------------------------------------ Enhanced MR
+
+@pytest.fixture(scope="module")
+def enhanced_and_classic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enhanced")
+    summaries = {name: synthesize(root / name, patients=4, matrix=64, seed=9, enhanced_fraction=fraction)
+                 for name, fraction in [("classic", 0.0), ("half", 0.5), ("enhanced", 1.0)]}
+    return root, summaries
+
+
+def test_enhanced_patients_hold_the_classic_pixels_and_positions_frame_by_frame(enhanced_and_classic):
+    root, _ = enhanced_and_classic
+    classic = series_of(read_export(root / "classic"))
+    enhanced = [ds for _, ds in read_export(root / "enhanced") if "NumberOfFrames" in ds]
+    # target T2, T1 and axial T2 of each of the 4 patients; the localizer stays classic
+    assert len(enhanced) == 12
+    for ds in enhanced:
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"
+        frames = sorted(classic[ds.SeriesInstanceUID], key=lambda f: int(f.InstanceNumber))
+        assert int(ds.NumberOfFrames) == len(frames)
+        assert np.array_equal(ds.pixel_array, np.stack([f.pixel_array for f in frames]))
+        positions = [[float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+                     for group in ds.PerFrameFunctionalGroupsSequence]
+        assert positions == [[float(v) for v in f.ImagePositionPatient] for f in frames]
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == list(
+            frames[0].ImageOrientationPatient)
+        assert list(shared.PixelMeasuresSequence[0].PixelSpacing) == list(frames[0].PixelSpacing)
+
+
+def test_the_enhanced_fraction_leaves_the_other_patients_files_as_they_were(enhanced_and_classic):
+    root, summaries = enhanced_and_classic
+    assert [summaries[name]["enhanced_mr_patients"] for name in ("classic", "half", "enhanced")] == [0, 2, 4]
+    classic = file_bytes(root / "classic")
+    half = {str(path.relative_to(root / "half")): ds for path, ds in read_export(root / "half")}
+    single_frame = [name for name, ds in half.items() if "NumberOfFrames" not in ds]
+    assert len(single_frame) < len(half) < len([name for name in classic if name.startswith("DICOM")])
+    assert all((root / "half" / name).read_bytes() == classic[name] for name in single_frame)
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_dciodvfy_finds_no_errors_in_an_enhanced_mr_series(enhanced_and_classic):
+    root, _ = enhanced_and_classic
+    for path, ds in read_export(root / "enhanced"):
+        if "NumberOfFrames" in ds and ds.SeriesDescription == "T2_TSE_SAG":
+            result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+            report = result.stdout + result.stderr
+            assert [line for line in report.splitlines() if "Error" in line] == []
+            assert "EnhancedMRImage" in report
+            return
+    pytest.fail("no enhanced T2 series in the export")

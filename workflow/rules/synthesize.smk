@@ -16,6 +16,7 @@ if config["demo"]["enabled"]:
             patients=config["demo"]["patients"],
             matrix=config["demo"]["matrix"],
             seed=config["demo"]["seed"],
+            enhanced=config["demo"]["enhanced_fraction"],
             faults="--faults" if config["demo"]["faults"] else "",
         threads: 8  # patients written in parallel; snakemake caps it at --cores
         log:
@@ -26,5 +27,6 @@ if config["demo"]["enabled"]:
             "../../envs/preprocess.yaml"
         shell:
             "spinedet synthesize --out {params.out} --patients {params.patients}"
-            " --matrix {params.matrix} --seed {params.seed} --preview {output.preview}"
+            " --matrix {params.matrix} --seed {params.seed} --enhanced-fraction {params.enhanced}"
+            " --preview {output.preview}"
             " --config {params.config:q} --workers {threads} {params.faults} > {log} 2>&1"

@@ -84,7 +84,8 @@ def convert_series(series: dict | None, folder: Path, out: Path, binary: str, se
                 "message": "the selected series is not in series.csv: rerun the inventory"}
     try:
         result = run_dcm2niix([Path(f) for f in series["files"].split(";")], folder, work_dir=out, binary=binary,
-                              pixels_per_file=int(series["rows"]) * int(series["columns"]))
+                              pixels_per_image=int(series["rows"]) * int(series["columns"]),
+                              images=int(series["n_slices"]))
     except OSError as exc:
         result = {"status": "quarantined", "nifti": "", "sidecar": "", "output": "",
                   "message": f"conversion failed: {exc.strerror or type(exc).__name__}"}

@@ -10,8 +10,9 @@
   intent_name, data_type) cleared and no extensions, gzip'd without a
   time stamp or file name, so reruns are byte-identical. The affine is kept.
 - The sidecar keeps only an allowlist of acquisition parameters.
-- Each annotation (DICOM pixel box on one instance) is mapped through the
-  geometry of that instance and the volume's affine (spinedet.geometry);
+- Each annotation (DICOM pixel box on one instance, or on one frame of a
+  multi-frame instance) is mapped through the geometry of that image and
+  the volume's affine (spinedet.geometry);
   an annotation that cannot be mapped is listed in annotation_issues.csv
   by its line in annotations.csv, with the pseudonym, never a UID.
 """
@@ -37,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from spinedet import SpinedetError
+from spinedet.dicom import image_planes
 from spinedet.geometry import GeometryError, pixel_box_to_voxel_box, volume_slice_axis
 from spinedet.io import read_csv, read_table, write_bytes, write_csv, write_json
 
@@ -311,6 +313,7 @@ def map_annotation(annotation: dict, instances: InstanceIndex, volumes: dict[str
                               "max must exceed min", patient_id)
     if lookup_issue is not None:
         raise lookup_issue
+    plane = annotated_plane(instance, annotation.get("frame_number"), patient_id)
     rows, columns = int(instance["rows"]), int(instance["columns"])
     if x_min < 0 or y_min < 0 or x_max > columns or y_max > rows:
         raise AnnotationIssue("outside_image", f"x {x_min:g}..{x_max:g}, y {y_min:g}..{y_max:g} "
@@ -323,9 +326,9 @@ def map_annotation(annotation: dict, instances: InstanceIndex, volumes: dict[str
     try:
         voxel_box = pixel_box_to_voxel_box(
             box,
-            json.loads(instance["image_position"]),
-            json.loads(instance["image_orientation"]),
-            json.loads(instance["pixel_spacing"]),
+            plane["ipp"],
+            plane["iop"],
+            plane["pixel_spacing"],
             volume["affine"],
             shape=volume["shape"],
         )
@@ -334,6 +337,23 @@ def map_annotation(annotation: dict, instances: InstanceIndex, volumes: dict[str
     if voxel_box.slice_axis != volume["slice_axis"]:
         raise AnnotationIssue("geometry", "the annotated image is not a slice of the volume", patient_id)
     return patient_id, {"label": label, **voxel_box.as_dict()}
+
+
+def annotated_plane(instance: dict, frame_number, patient_id: str) -> dict:
+    """The image an annotation lies on: its frame (1-based `frame_number`) of a
+    multi-frame instance, the instance itself otherwise."""
+    planes = image_planes(instance)
+    text = "" if frame_number is None else str(frame_number).strip()
+    if not text:
+        if len(planes) > 1:
+            raise AnnotationIssue("unknown_frame", f"the annotated instance is a multi-frame image of "
+                                  f"{len(planes)} frames: give frame_number", patient_id)
+        return planes[0]
+    number = _instance_number(text)
+    if not number.isdigit() or not 1 <= int(number) <= len(planes):
+        raise AnnotationIssue("unknown_frame", f"frame_number {text} is not one of the instance's frames "
+                              f"(1..{len(planes)})", patient_id)
+    return planes[int(number) - 1]
 
 
 # --------------------------------------------------------------------------

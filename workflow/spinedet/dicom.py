@@ -24,7 +24,9 @@ from spinedet import SpinedetError
 from spinedet.geometry import orientation_label, slice_normal
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-SUPPORTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+SUPPORTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage",
+                         ENHANCED_MR_IMAGE_STORAGE: "Enhanced MR Image Storage"}
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -42,6 +44,15 @@ REQUIRED_IMAGE_ATTRIBUTES = (
     "ImageOrientationPatient",
     "PixelSpacing",
 )
+GEOMETRY_ATTRIBUTES = REQUIRED_IMAGE_ATTRIBUTES[-3:]
+# Where a multi-frame (enhanced) image keeps each geometry attribute: the
+# functional group macro, in the frame's own group or the shared one.
+FUNCTIONAL_GROUP_OF = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "SliceThickness": "PixelMeasuresSequence",
+}
 
 
 def list_files(root: Path) -> list[Path]:
@@ -232,16 +243,28 @@ def _classify_dataset(dataset) -> dict:
     if sop_class not in SUPPORTED_SOP_CLASSES:
         name = pydicom.uid.UID(sop_class).name if sop_class else "missing"
         return quarantine_row("unsupported_sop_class", f"SOP class {name} ({sop_class or 'none'}): only "
-                           "MR Image Storage is converted", **fields)
+                           "MR Image Storage and Enhanced MR Image Storage are converted", **fields)
     if PIXEL_DATA_TAG not in dataset:
         return quarantine_row("no_pixel_data", "no (7FE0,0010) Pixel Data element: re-export the image "
                            "with its pixels", **fields)
-    missing = [name for name in REQUIRED_IMAGE_ATTRIBUTES if _text(dataset.get(name)) == ""]
+    multi_frame = sop_class == ENHANCED_MR_IMAGE_STORAGE
+    frames = _frame_geometry(dataset) if multi_frame else [
+        {keyword: dataset.get(keyword) for keyword in (*GEOMETRY_ATTRIBUTES, "SliceThickness")}]
+    top_level = REQUIRED_IMAGE_ATTRIBUTES[:-3]
+    missing = [name for name in top_level if _text(dataset.get(name)) == ""]
+    missing += [name for name in GEOMETRY_ATTRIBUTES if any(_text(frame[name]) == "" for frame in frames)]
+    if multi_frame and not frames:
+        missing.append("PerFrameFunctionalGroupsSequence")
     if missing:
         why = ("the image cannot be assigned to a patient or study" if {"PatientID", "StudyInstanceUID"} & set(missing)
                else "the image cannot be placed in patient space")
-        return quarantine_row("missing_attributes", f"missing {', '.join(missing)}: {why}; re-export it with "
-                              "its full header", **fields)
+        where = " (in the functional groups of some frames)" if multi_frame and set(missing) & set(GEOMETRY_ATTRIBUTES) else ""
+        return quarantine_row("missing_attributes", f"missing {', '.join(missing)}{where}: {why}; re-export it "
+                              "with its full header", **fields)
+    if multi_frame and len(frames) != int(dataset.get("NumberOfFrames") or 0):
+        return quarantine_row("missing_attributes", f"{len(frames)} per-frame functional groups for "
+                              f"NumberOfFrames {_text(dataset.get('NumberOfFrames')) or 'missing'}: the frames "
+                              "cannot be placed in patient space; re-export it with its full header", **fields)
     transfer_syntax = _transfer_syntax(dataset)
     pixel_element = _raw_element(dataset, PIXEL_DATA_TAG)
     if (transfer_syntax is None or not transfer_syntax.is_encapsulated) and (
@@ -250,24 +273,59 @@ def _classify_dataset(dataset) -> dict:
         expected = _expected_pixel_bytes(dataset)
         if pixel_element.length < expected:
             return quarantine_row("truncated", f"pixel data has {pixel_element.length} bytes, "
-                               f"{expected} expected from Rows x Columns x BitsAllocated: "
-                               "re-export the file", **fields)
+                               f"{expected} expected from Rows x Columns x BitsAllocated"
+                               f"{' x NumberOfFrames' if multi_frame else ''}: re-export the file", **fields)
 
-    iop = [float(v) for v in dataset.ImageOrientationPatient]
+    orientations = [[float(v) for v in frame["ImageOrientationPatient"]] for frame in frames]
+    labels = {orientation_label(iop) for iop in orientations}
+    first = frames[0]
     fields.update(
         instance_number=_text(dataset.get("InstanceNumber")),
         series_number=_text(dataset.get("SeriesNumber")),
         series_description=_text(dataset.get("SeriesDescription")),
         rows=int(dataset.Rows),
         columns=int(dataset.Columns),
-        image_position=_numbers(dataset.ImagePositionPatient),
-        image_orientation=json.dumps(iop),
-        pixel_spacing=_numbers(dataset.PixelSpacing),
-        slice_thickness=_text(dataset.get("SliceThickness")),
-        orientation=orientation_label(iop),
+        frames=len(frames),
+        image_position=_numbers(first["ImagePositionPatient"]),
+        frame_positions=json.dumps([json.loads(_numbers(f["ImagePositionPatient"])) for f in frames])
+        if multi_frame else "",
+        image_orientation=json.dumps(orientations[0]),
+        pixel_spacing=_numbers(first["PixelSpacing"]),
+        slice_thickness=_text(first["SliceThickness"]),
+        orientation=labels.pop() if len(labels) == 1 and all(o == orientations[0] for o in orientations) else "mixed",
     )
     return {"status": "ok", "reason": "", "detail": "", **fields}
 
+
+
+def _frame_geometry(dataset) -> list[dict]:
+    """Each frame's geometry attributes of a multi-frame image, from its
+    per-frame functional group, else the shared one (None where neither has it)."""
+    def macro(group, sequence):
+        items = group.get(sequence) if group is not None else None
+        return items[0] if items else None
+
+    shared_groups = dataset.get("SharedFunctionalGroupsSequence")
+    shared = shared_groups[0] if shared_groups else None
+    frames = []
+    for frame in dataset.get("PerFrameFunctionalGroupsSequence") or []:
+        geometry = {}
+        for keyword, sequence in FUNCTIONAL_GROUP_OF.items():
+            found = [macro(group, sequence) for group in (frame, shared)]
+            geometry[keyword] = next((item.get(keyword) for item in found
+                                      if item is not None and item.get(keyword) is not None), None)
+        frames.append(geometry)
+    return frames
+
+
+def image_planes(row: dict) -> list[dict]:
+    """The images of one files.csv image row, one per frame of a multi-frame
+    file: {frame_number (None for a single-frame file), ipp, iop, pixel_spacing}."""
+    common = {"iop": json.loads(row["image_orientation"]), "pixel_spacing": json.loads(row["pixel_spacing"])}
+    if row.get("frame_positions"):
+        return [{"frame_number": number, "ipp": position, **common}
+                for number, position in enumerate(json.loads(row["frame_positions"]), start=1)]
+    return [{"frame_number": None, "ipp": json.loads(row["image_position"]), **common}]
 
 
 # --------------------------------------------------------------------------
@@ -298,7 +356,7 @@ def build_series(file_rows: list[dict]) -> list[dict]:
             "series_number": first["series_number"],
             "description": first["series_description"],
             "orientation": orientations.pop() if len(orientations) == 1 else "mixed",
-            "n_slices": len(files),
+            "n_slices": sum(int(f.get("frames") or 1) for f in files),
             **slice_positions(files),
             "pixel_spacing": first["pixel_spacing"],
             "slice_thickness": first["slice_thickness"],
@@ -319,7 +377,7 @@ def slice_positions(files: list[dict]) -> dict:
     one stack (mixed orientations, positions absent)."""
     try:
         normal = slice_normal(json.loads(files[0]["image_orientation"]))
-        along = sorted({round(float(np.dot(json.loads(f["image_position"]), normal)), 3) for f in files})
+        along = sorted({round(float(np.dot(plane["ipp"], normal)), 3) for f in files for plane in image_planes(f)})
     except (ValueError, TypeError, KeyError):
         return {"positions": "", "missing_slices": ""}
     steps = np.diff(along)

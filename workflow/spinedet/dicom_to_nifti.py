@@ -65,14 +65,16 @@ def _link_inputs(files: list[Path], input_dir: Path) -> None:
 
 
 def run_dcm2niix(files: list[Path], out_dir: Path, work_dir: Path | None = None,
-                 binary: str | None = None, pixels_per_file: int | None = None) -> dict:
+                 binary: str | None = None, pixels_per_image: int | None = None,
+                 images: int | None = None) -> dict:
     """Convert one series' files into `out_dir` (emptied first).
 
     Returns {"status": "converted"|"quarantined", "nifti", "sidecar",
     "message", "output"} where `output` is dcm2niix's stdout+stderr. With
-    `pixels_per_file` (rows x columns), a volume whose voxel count is not
-    that times the number of files is quarantined too. (The slice axis is
-    not checked: dcm2niix may rotate 3D acquisitions.)
+    `pixels_per_image` (rows x columns), a volume whose voxel count is not
+    that times the number of `images` (default: one per file; a multi-frame
+    file holds several) is quarantined too. (The slice axis is not checked:
+    dcm2niix may rotate 3D acquisitions.)
     """
     binary = binary or find_dcm2niix()
     out_dir = Path(out_dir)
@@ -114,9 +116,9 @@ def run_dcm2niix(files: list[Path], out_dir: Path, work_dir: Path | None = None,
         voxels = int(np.prod(shape))
         if any(n != 1 for n in shape[3:]):
             result["message"] = f"dcm2niix wrote a {len(shape)}-D volume of shape {shape}, not one 3-D volume"
-        elif pixels_per_file and voxels != pixels_per_file * len(files):
-            result["message"] = (f"the volume of shape {shape} does not hold the series' {len(files)} "
-                                 f"images of {pixels_per_file} pixels: {_condense(output)}")
+        elif pixels_per_image and voxels != pixels_per_image * (images or len(files)):
+            result["message"] = (f"the volume of shape {shape} does not hold the series' {images or len(files)} "
+                                 f"images of {pixels_per_image} pixels: {_condense(output)}")
         elif not sidecar.is_file():
             result["message"] = "dcm2niix wrote no JSON sidecar"
         else:

@@ -12,7 +12,8 @@ Output in --out:
   x_max, y_max] on the canonical slice (pixel edges; anterior left,
   superior up), label and score; for DICOM input also the box in DICOM
   pixel coordinates (column, row) of the source instance, with its
-  SOPInstanceUID and InstanceNumber.
+  SOPInstanceUID and InstanceNumber (and the frame number, for a frame of
+  an Enhanced MR instance; null otherwise).
 - overlays/slice-KK.png: every slice with its boxes and scores.
 
 This is clinical output for the patient's record, not a study result: it
@@ -22,7 +23,6 @@ may carry DICOM UIDs, so keep it out of results/.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from collections import defaultdict
@@ -133,7 +133,8 @@ def convert_series(series: dict, files: list[dict], work_dir: Path) -> Path:
         [Path(f["path"]) for f in files],
         work_dir / "nifti",
         work_dir=work_dir,
-        pixels_per_file=int(series["rows"]) * int(series["columns"]),
+        pixels_per_image=int(series["rows"]) * int(series["columns"]),
+        images=int(series["n_slices"]),
     )
     if result["status"] != "converted":
         raise SpinedetError(f"dcm2niix could not convert the series: {result['message']}")
@@ -206,20 +207,20 @@ def check_spacing_and_matrix(volume, slices: np.ndarray, meta: dict) -> None:
 
 
 class InstanceLocator:
-    """Maps canonical slice boxes back to the DICOM instance they lie on."""
+    """Maps canonical slice boxes back to the DICOM image they lie on: an
+    instance, or one frame of a multi-frame instance."""
 
     def __init__(self, files: list[dict], nifti_affine: np.ndarray, canonical_to_volume: np.ndarray):
+        from spinedet.dicom import image_planes
         from spinedet.geometry import slice_normal
 
         self.instances = [
             {
                 "sop_instance_uid": f["sop_instance_uid"],
                 "instance_number": int(float(f["instance_number"])) if f["instance_number"] else None,
-                "ipp": json.loads(f["image_position"]),
-                "iop": json.loads(f["image_orientation"]),
-                "pixel_spacing": json.loads(f["pixel_spacing"]),
+                **plane,
             }
-            for f in files
+            for f in files for plane in image_planes(f)
         ]
         self.nifti_affine = np.asarray(nifti_affine, dtype=float)
         self.canonical_to_volume = np.asarray(canonical_to_volume, dtype=float)
@@ -252,6 +253,7 @@ class InstanceLocator:
         return {
             "sop_instance_uid": best["sop_instance_uid"],
             "instance_number": best["instance_number"],
+            "frame_number": best["frame_number"],
             "x_min": round(float(best_pixels[:, 0].min()) + 0.5, 3),
             "y_min": round(float(best_pixels[:, 1].min()) + 0.5, 3),
             "x_max": round(float(best_pixels[:, 0].max()) + 0.5, 3),

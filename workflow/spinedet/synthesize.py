@@ -67,7 +67,7 @@ DEFAULT_CLASSES = ("disc_herniation", "cord_injury")
 ROLES = ("disc", "injured", "normal")
 
 TARGET_SUBSAMPLES = 2  # planes averaged across each target slice's thickness (partial volume)
-ANNOTATION_COLUMNS = ["study_uid", "series_uid", "sop_instance_uid", "instance_number", "label",
+ANNOTATION_COLUMNS = ["study_uid", "series_uid", "sop_instance_uid", "instance_number", "frame_number", "label",
                       "x_min", "y_min", "x_max", "y_max"]
 
 
@@ -114,8 +114,12 @@ def _target_geometry(rng: np.random.Generator, anatomy: phantom.Anatomy, matrix:
 
 
 def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: str, labels: tuple[str, str],
-                       matrix: int) -> PatientResult:
-    """Draw and write one patient's study under root/DICOM; return its annotations and truth."""
+                       matrix: int, enhanced: bool = False) -> PatientResult:
+    """Draw and write one patient's study under root/DICOM; return its annotations and truth.
+
+    With `enhanced`, its sagittal and axial series are written as Enhanced MR (one
+    multi-frame file per series), as modern scanners export; the pixels are the same.
+    """
     rng = np.random.default_rng([seed, index])
     identity = fake_identity(rng, index)
     style = EXPORT_STYLES[int(rng.integers(len(EXPORT_STYLES)))]
@@ -147,7 +151,7 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
     t2 = write_series(dicom, volume, ipp_first=geometry.ipp_first, iop=geometry.iop, pixel_spacing=geometry.pixel_spacing,
                       slice_step=geometry.slice_step, reverse_order=reverse_order, header=header,
                       series_number=series_numbers["T2_SAG"], description=TARGET_DESCRIPTION, file_name=namer("T2_SAG"),
-                      slice_thickness=geometry.thickness,
+                      slice_thickness=geometry.thickness, enhanced=enhanced,
                       series_attributes={**protocol["T2_SAG"], **series_times(identity, minutes["T2_SAG"])})
     series_uid = t2[0]["series_uid"]
     by_slice = {item["slice_index"]: item for item in t2}
@@ -156,13 +160,14 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
     for lesion_index, k, (x0, y0, x1, y1) in boxes:
         annotations.append({
             "study_uid": study_uid, "series_uid": series_uid, "sop_instance_uid": by_slice[k]["sop_instance_uid"],
-            "instance_number": by_slice[k]["instance_number"], "label": lesions[lesion_index].label,
+            "instance_number": by_slice[k]["instance_number"], "frame_number": by_slice[k]["frame_number"],
+            "label": lesions[lesion_index].label,
             "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1,
         })
 
-    files = len(t2)
+    files = len({item["path"] for item in t2})
     files += _write_distractors(dicom, rng, anatomy, lesions, geometry, header, identity, series_numbers, protocol,
-                                namer, minutes, matrix, seed, index)
+                                namer, minutes, matrix, seed, index, enhanced)
 
     preview_image, preview_boxes = preview_slice(volume, geometry, anatomy, lesions, boxes)
     truth = {
@@ -170,7 +175,9 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
         "kinds": np.array([lesion.kind for lesion in lesions], dtype=str),
         "levels": np.array([lesion.level for lesion in lesions], dtype=str),
         "masks": masks,
-        "instance_numbers": np.array([by_slice[k]["instance_number"] for k in range(geometry.n_slices)]),
+        # the image's number in acquisition order: its frame number in an enhanced file
+        "instance_numbers": np.array([by_slice[k]["frame_number"] or by_slice[k]["instance_number"]
+                                      for k in range(geometry.n_slices)]),
         "sop_instance_uids": np.array([by_slice[k]["sop_instance_uid"] for k in range(geometry.n_slices)], dtype=str),
         "ipp_first": geometry.ipp_first,
         "iop": geometry.iop,
@@ -183,7 +190,7 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
 
 
 def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometry, header, identity, series_numbers,
-                       protocol, namer, minutes, matrix, seed, index) -> int:
+                       protocol, namer, minutes, matrix, seed, index, enhanced) -> int:
     """Sagittal T1, axial T2 and the 3-plane localizer: cheap, lower resolution. Returns files written."""
     small = max(64, matrix // 2)
     files = 0
@@ -195,11 +202,11 @@ def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometr
         slice_step=abs(target.slice_step), thickness=target.thickness)
     volume, _ = render_series(anatomy, lesions, t1_geometry, "T1", np.random.default_rng([seed, index, 3]),
                               signal_scale=anatomy.signal_scale * 0.8)
-    files += len(write_series(
+    files += len({item["path"] for item in write_series(
         dicom, volume, ipp_first=t1_geometry.ipp_first, iop=t1_geometry.iop, pixel_spacing=t1_geometry.pixel_spacing,
         slice_step=t1_geometry.slice_step, header=header, series_number=series_numbers["T1_SAG"], description="T1_TSE_SAG",
-        file_name=namer("T1_SAG"), slice_thickness=t1_geometry.thickness,
-        series_attributes={**protocol["T1_SAG"], **series_times(identity, minutes["T1_SAG"])}))
+        file_name=namer("T1_SAG"), slice_thickness=t1_geometry.thickness, enhanced=enhanced,
+        series_attributes={**protocol["T1_SAG"], **series_times(identity, minutes["T1_SAG"])})})
 
     # axial T2: a few slices parallel to the C5-C6 disc
     disc_s = anatomy.level_s("C5-C6")
@@ -211,11 +218,11 @@ def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometr
                                     matrix=small, fov=float(rng.uniform(150, 180)), n_slices=n_axial, slice_step=4.4,
                                     thickness=4.0)
     volume, _ = render_series(anatomy, lesions, ax_geometry, "T2", np.random.default_rng([seed, index, 4]))
-    files += len(write_series(
+    files += len({item["path"] for item in write_series(
         dicom, volume, ipp_first=ax_geometry.ipp_first, iop=ax_geometry.iop, pixel_spacing=ax_geometry.pixel_spacing,
         slice_step=ax_geometry.slice_step, header=header, series_number=series_numbers["T2_AX"], description="T2_AX",
-        file_name=namer("T2_AX"), slice_thickness=ax_geometry.thickness,
-        series_attributes={**protocol["T2_AX"], **series_times(identity, minutes["T2_AX"])}))
+        file_name=namer("T2_AX"), slice_thickness=ax_geometry.thickness, enhanced=enhanced,
+        series_attributes={**protocol["T2_AX"], **series_times(identity, minutes["T2_AX"])})})
 
     # localizer: three single images, sagittal, coronal and axial, in one series
     center = anatomy.to_lps(0.0, anatomy.level_s("C4"), phantom.PVBL)
@@ -247,11 +254,14 @@ def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometr
 # Whole export
 
 def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequence[str] = DEFAULT_CLASSES,
-               groups: Sequence[str] = DEFAULT_GROUPS, preview: Path | None = None, workers: int = 1) -> dict:
+               groups: Sequence[str] = DEFAULT_GROUPS, preview: Path | None = None, workers: int = 1,
+               enhanced_fraction: float = 0.0) -> dict:
     """Write the export under `out` (DICOM/, annotations.csv, cohort.csv, truth/, pseudonym.key) and
     return a PHI-free summary.
 
     `workers` processes write patients in parallel; the files are the same for any count.
+    About `enhanced_fraction` of the patients (drawn from the seed) are written as
+    Enhanced MR, the rest as classic MR Image Storage.
 
     `classes` name (herniation, cord injury) and `groups` name the (disc,
     injured, normal) groups, in that order.
@@ -271,9 +281,14 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     assignment = np.repeat(np.arange(len(groups)), list(counts.values()))
     assignment = np.random.default_rng([seed, 0xC0 + 0x40]).permutation(assignment)
 
+    if not 0.0 <= enhanced_fraction <= 1.0:
+        raise SpinedetError(f"the Enhanced MR fraction must be within 0..1, got {enhanced_fraction}")
+    # its own generator: the other patients' files do not depend on the fraction
+    enhanced = np.random.default_rng([seed, 0xE4]).random(patients) < enhanced_fraction
     jobs = [
         {"root": out, "seed": seed, "index": index, "group": groups[int(assignment[index])],
-         "role": ROLES[int(assignment[index])], "labels": tuple(classes), "matrix": matrix}
+         "role": ROLES[int(assignment[index])], "labels": tuple(classes), "matrix": matrix,
+         "enhanced": bool(enhanced[index])}
         for index in range(patients)
     ]
     # Each patient draws from its own generator (seed, index), so the files do
@@ -306,6 +321,7 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
         "lesions": lesions,
         "matrix": matrix,
         "seed": seed,
+        "enhanced_mr_patients": int(enhanced.sum()),
     }
     log.info("synthesized %d patients, %d files, %d boxes in %s", patients, summary["files"], summary["annotations"], out)
     return summary
@@ -338,6 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview", type=Path, default=None, help="write a PNG montage of mid-sagittal slices with boxes")
     add_config_argument(parser, required=False)
     parser.add_argument("--workers", type=int, default=1, help="patients written in parallel (same files for any count)")
+    parser.add_argument("--enhanced-fraction", type=float, default=0.0,
+                        help="fraction of the patients written as Enhanced MR (multi-frame), 0..1 (default 0)")
     parser.add_argument("--faults", action="store_true",
                         help="also write the fault corpus (DICOM/FAULTS/, listed in faults.csv)")
 
@@ -351,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         classes = tuple(config.get("classes", classes))
         groups = tuple(config.get("groups", groups))
     summary = synthesize(args.out, args.patients, args.matrix, args.seed, classes=classes, groups=groups,
-                         preview=args.preview, workers=args.workers)
+                         preview=args.preview, workers=args.workers, enhanced_fraction=args.enhanced_fraction)
     faults = write_faults(args.out, args.seed, normal_group=groups[2]) if args.faults else []
     log.info("fault corpus: %d cases (faults.csv)", len(faults))
     log.info("groups: %s; lesions: %s", summary["groups"], summary["lesions"])

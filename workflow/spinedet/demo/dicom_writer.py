@@ -167,8 +167,10 @@ def write_series(
     file_name: Callable[[int], str] | None = None,
     slice_thickness: float | None = None,
     series_attributes: dict | None = None,
+    enhanced: bool = False,
 ) -> list[dict]:
-    """Write a volume (n_slices, rows, cols) uint16 as one MR series, one file per slice.
+    """Write a volume (n_slices, rows, cols) uint16 as one MR series, one file per slice,
+    or with ``enhanced`` as one Enhanced MR Image Storage file (frame k = instance k).
 
     Geometry: slice k (spatial order) has its first pixel centre at
     ``ipp_first + k * slice_step * n`` with ``n = cross(iop[:3], iop[3:])``;
@@ -181,7 +183,8 @@ def write_series(
     call writes the same files. ``file_name(instance_number)`` is a path
     relative to ``out_dir`` (default ``IM{instance:06d}``).
 
-    Returns, per instance: {path, sop_instance_uid, instance_number, slice_index, series_uid}.
+    Returns, per slice: {path, sop_instance_uid, instance_number, frame_number (None
+    unless enhanced), slice_index, series_uid}.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -206,7 +209,7 @@ def write_series(
     ipp_first = np.asarray(ipp_first, dtype=float)
     n_slices = volume.shape[0]
     file_name = file_name or (lambda number: f"IM{number:06d}")
-    written = []
+    written, datasets = [], []
     for instance_number in range(1, n_slices + 1):
         slice_index = n_slices - instance_number if reverse_order else instance_number - 1
         sop_uid = generate_uid(entropy_srcs=[series_uid, "instance", str(instance_number)])
@@ -222,8 +225,175 @@ def write_series(
             instance_number=instance_number,
             sop_instance_uid=sop_uid,
         )
-        path = out_dir / file_name(instance_number)
-        write_dataset(ds, path)
+        path = out_dir / file_name(1 if enhanced else instance_number)
+        if enhanced:
+            datasets.append(ds)
+        else:
+            write_dataset(ds, path)
         written.append({"path": path, "sop_instance_uid": sop_uid, "instance_number": instance_number,
-                        "slice_index": slice_index, "series_uid": series_uid})
+                        "frame_number": None, "slice_index": slice_index, "series_uid": series_uid})
+    if enhanced:
+        sop_uid = generate_uid(entropy_srcs=[series_uid, "enhanced instance"])
+        write_dataset(enhanced_dataset(datasets, sop_uid), written[0]["path"])
+        for item in written:
+            item.update(sop_instance_uid=sop_uid, frame_number=item["instance_number"], instance_number=1)
     return written
+
+
+# --------------------------------------------------------------------------
+# Enhanced MR (multi-frame), as Siemens XA and Philips export by default
+
+
+def _item(**attributes) -> Dataset:
+    item = Dataset()
+    for keyword, value in attributes.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+ACQUISITION_SECONDS = 184.0
+
+# Classic MR Image attributes that the enhanced IOD keeps in its functional
+# groups and pulse sequence module instead of at the top level.
+_CLASSIC_ONLY = (
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    "SliceLocation", "ScanningSequence", "SequenceVariant", "ScanOptions", "SequenceName", "AngioFlag",
+    "RepetitionTime", "EchoTime", "EchoTrainLength", "NumberOfAverages", "ImagingFrequency", "ImagedNucleus",
+    "EchoNumbers", "NumberOfPhaseEncodingSteps", "PercentSampling", "PercentPhaseFieldOfView", "PixelBandwidth",
+    "ReceiveCoilName", "TransmitCoilName", "InPlanePhaseEncodingDirection", "FlipAngle", "VariableFlipAngleFlag",
+    "SAR", "dBdt", "WindowCenter", "WindowWidth", "AcquisitionNumber", "AcquisitionDate", "AcquisitionTime",
+    "ContentDate", "ContentTime", "ImageType",
+)
+
+
+def enhanced_dataset(frames: list[Dataset], sop_instance_uid: str) -> Dataset:
+    """One Enhanced MR Image Storage instance holding `frames` (classic MR
+    instances of one series, in frame order): their pixels, each frame's
+    position in its per-frame functional group, everything common in the
+    shared group."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedMRImageStorage
+
+    first = frames[0]
+    ds = _base_dataset(sop_instance_uid)
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    for element in first:
+        if element.keyword not in _CLASSIC_ONLY and element.tag != 0x7FE00010:
+            ds.add(element)
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = sop_instance_uid
+    date = str(first.get("AcquisitionDate") or first.get("SeriesDate") or first.StudyDate)
+    time = str(first.get("AcquisitionTime") or first.get("SeriesTime") or first.StudyTime)
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.AcquisitionDateTime = date + time
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(frames)
+    ds.DeviceSerialNumber = ds.get("DeviceSerialNumber") or "SIM0001"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SPINE", "NONE"]
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.AcquisitionContrast = "T2"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.AcquisitionContextSequence = Sequence([])
+    # MR Image and Spectroscopy Instance macro
+    ds.AcquisitionDuration = ACQUISITION_SECONDS
+    ds.ContentQualification = "PRODUCT"
+    ds.ResonantNucleus = "1H"
+    ds.KSpaceFiltering = "NONE"
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    # MR Pulse Sequence module: a 2D turbo spin echo
+    pulse = dict(PulseSequenceName=str(first.get("SequenceName", "tse2d"))[:16].lstrip("*"),
+                 MRAcquisitionType=first.get("MRAcquisitionType", "2D"), EchoPulseSequence="SPIN",
+                 MultipleSpinEcho="YES", MultiPlanarExcitation="YES", PhaseContrast="NO",
+                 TimeOfFlightContrast="NO", SteadyStatePulseSequence="NONE", EchoPlanarPulseSequence="NO",
+                 SaturationRecovery="NO", SpectrallySelectedSuppression="NONE", OversamplingPhase="NONE",
+                 GeometryOfKSpaceTraversal="RECTILINEAR", RectilinearPhaseEncodeReordering="LINEAR",
+                 SegmentedKSpaceTraversal="PARTIAL", NumberOfKSpaceTrajectories=1)
+    for keyword, value in pulse.items():
+        setattr(ds, keyword, value)
+
+    dimension_uid = generate_uid(entropy_srcs=[sop_instance_uid, "dimension organization"])
+    ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=dimension_uid)])
+    ds.DimensionIndexSequence = Sequence([
+        _item(DimensionOrganizationUID=dimension_uid, DimensionIndexPointer=0x00209056,
+              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
+        _item(DimensionOrganizationUID=dimension_uid, DimensionIndexPointer=0x00209057,
+              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="In-Stack Position Number"),
+    ])
+
+    shared = _item(
+        PixelMeasuresSequence=Sequence([_item(PixelSpacing=first.PixelSpacing, SliceThickness=first.SliceThickness,
+                                              **({"SpacingBetweenSlices": first.SpacingBetweenSlices}
+                                                 if "SpacingBetweenSlices" in first else {}))]),
+        PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=first.ImageOrientationPatient)]),
+        FrameAnatomySequence=Sequence([_item(
+            FrameLaterality="U",
+            AnatomicRegionSequence=Sequence([_code("122494005", "SCT", "Cervical spine")]))]),
+        PixelValueTransformationSequence=Sequence([_item(RescaleIntercept="0", RescaleSlope="1",
+                                                         RescaleType="US")]),
+        FrameVOILUTSequence=Sequence([_item(WindowCenter=first.get("WindowCenter", "2048"),
+                                            WindowWidth=first.get("WindowWidth", "4096"))]),
+        MRImageFrameTypeSequence=Sequence([_item(
+            FrameType=["ORIGINAL", "PRIMARY", "SPINE", "NONE"], PixelPresentation="MONOCHROME",
+            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+            ComplexImageComponent="MAGNITUDE", AcquisitionContrast="T2")]),
+        MRTimingAndRelatedParametersSequence=Sequence([_item(
+            RepetitionTime=first.get("RepetitionTime", "3500"), FlipAngle=first.get("FlipAngle", "150"),
+            EchoTrainLength=int(first.get("EchoTrainLength", 17)),
+            RFEchoTrainLength=int(first.get("EchoTrainLength", 17)), GradientEchoTrainLength=0,
+            SpecificAbsorptionRateSequence=Sequence([_item(SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
+                                                           SpecificAbsorptionRateValue=first.get("SAR", "0.8"))]),
+            GradientOutputType="DB_DT", GradientOutput=first.get("dBdt", "0"),
+            OperatingModeSequence=Sequence([
+                _item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL"),
+                _item(OperatingModeType="RF", OperatingMode="IEC_NORMAL"),
+                _item(OperatingModeType="GRADIENT", OperatingMode="IEC_NORMAL"),
+            ]))]),
+        MRFOVGeometrySequence=Sequence([_item(
+            InPlanePhaseEncodingDirection={"COL": "COLUMN"}.get(str(first.get("InPlanePhaseEncodingDirection")),
+                                                                "ROW"),
+            MRAcquisitionFrequencyEncodingSteps=int(first.Columns),
+            MRAcquisitionPhaseEncodingStepsInPlane=int(first.get("NumberOfPhaseEncodingSteps", first.Rows)),
+            PercentSampling=first.get("PercentSampling", "100"),
+            PercentPhaseFieldOfView=first.get("PercentPhaseFieldOfView", "100"))]),
+        MREchoSequence=Sequence([_item(EffectiveEchoTime=first.get("EchoTime", "104"))]),
+        MRModifierSequence=Sequence([_item(
+            InversionRecovery="NO", FlowCompensation="NONE", T2Preparation="NO",
+            SpectrallySelectedExcitation="NONE", SpatialPresaturation="NONE", PartialFourier="NO",
+            ParallelAcquisition="NO")]),
+        MRImagingModifierSequence=Sequence([_item(
+            MagnetizationTransfer="NONE", BloodSignalNulling="NO", Tagging="NONE",
+            TransmitterFrequency=first.get("ImagingFrequency", "63.676"),
+            PixelBandwidth=first.get("PixelBandwidth", "190"))]),
+        MRReceiveCoilSequence=Sequence([_item(
+            ReceiveCoilName=first.get("ReceiveCoilName", "NeckSpine"),
+            ReceiveCoilManufacturerName=first.get("Manufacturer", "SpineSim"), ReceiveCoilType="MULTICOIL",
+            QuadratureReceiveCoil="NO",
+            MultiCoilDefinitionSequence=Sequence([_item(MultiCoilElementName="NE1", MultiCoilElementUsed="YES")]))]),
+        MRTransmitCoilSequence=Sequence([_item(
+            TransmitCoilName=first.get("TransmitCoilName", "Body"),
+            TransmitCoilManufacturerName=first.get("Manufacturer", "SpineSim"), TransmitCoilType="BODY")]),
+        MRAveragesSequence=Sequence([_item(NumberOfAverages=first.get("NumberOfAverages", "1"))]),
+    )
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for number, frame in enumerate(frames, start=1):
+        per_frame.append(_item(
+            FrameContentSequence=Sequence([_item(
+                FrameAcquisitionNumber=number, FrameReferenceDateTime=ds.AcquisitionDateTime,
+                FrameAcquisitionDateTime=ds.AcquisitionDateTime,
+                FrameAcquisitionDuration=1000.0 * ACQUISITION_SECONDS / len(frames),
+                DimensionIndexValues=[1, number], StackID="1", InStackPositionNumber=number)]),
+            PlanePositionSequence=Sequence([_item(ImagePositionPatient=frame.ImagePositionPatient)]),
+        ))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = b"".join(frame.PixelData for frame in frames)
+    return ds

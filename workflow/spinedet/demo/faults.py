@@ -28,7 +28,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless, generate_uid
 
 from spinedet import SpinedetError
-from spinedet.demo.dicom_writer import TARGET_DESCRIPTION
+from spinedet.demo.dicom_writer import TARGET_DESCRIPTION, enhanced_dataset
 from spinedet.io import read_csv, write_csv
 
 FAULT_COLUMNS = ["fault", "kind", "where", "expect_status", "expect_reason", "expect_conversion"]
@@ -47,17 +47,22 @@ def _fake_name(seed: int, case: str) -> str:
     return f"{letters[:8].capitalize()}^{letters[8:].capitalize()}"
 
 
-def _donor_series(dicom: Path, patient_id: str) -> list[Path]:
-    """The donor patient's sagittal T2 files, in instance order."""
-    found = []
+def _donor_series(dicom: Path, patient_ids: list[str]) -> tuple[str, list[Path]]:
+    """The first of `patient_ids` exported as classic MR (one file per slice): its
+    ID and its sagittal T2 files, in instance order."""
+    found: dict[str, list] = {patient_id: [] for patient_id in patient_ids}
     for path in sorted(p for p in dicom.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - only the clean export is read here
             continue
-        if str(ds.get("PatientID", "")) == patient_id and ds.get("SeriesDescription") == TARGET_DESCRIPTION:
-            found.append((int(ds.InstanceNumber), path))
-    return [path for _, path in sorted(found)]
+        patient_id = str(ds.get("PatientID", ""))
+        if patient_id in found and ds.get("SeriesDescription") == TARGET_DESCRIPTION and "NumberOfFrames" not in ds:
+            found[patient_id].append((int(ds.InstanceNumber), path))
+    for patient_id in patient_ids:
+        if found[patient_id]:
+            return patient_id, [path for _, path in sorted(found[patient_id])]
+    raise SpinedetError("the fault corpus needs a normal patient exported as classic MR (not Enhanced MR)")
 
 
 def _copy_series(files: list[Path], folder: Path, patient_id: str, seed: int, case: str, *,
@@ -116,42 +121,13 @@ def _testdata(name: str, path: Path, patient_id: str, seed: int, case: str, iden
 def _enhanced_mr(files: list[Path], path: Path, patient_id: str, seed: int) -> Path:
     """The donor series as one Enhanced MR Image Storage file (multi-frame, geometry
     in the functional groups), as modern scanners export by default."""
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import EnhancedMRImageStorage
-
     frames = [pydicom.dcmread(f) for f in files]
-    ds = pydicom.dcmread(files[0])
-    ds.SOPClassUID = EnhancedMRImageStorage
-    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    ds.SOPInstanceUID = _uid(seed, "enhanced", "sop")
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = _uid(seed, "enhanced", "study")
-    ds.SeriesInstanceUID = _uid(seed, "enhanced", "series")
-    ds.PatientID = patient_id
-    ds.PatientName = _fake_name(seed, "enhanced")
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-                    "SliceLocation", "InstanceNumber"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    ds.InstanceNumber = 1
-    ds.NumberOfFrames = len(frames)
-    measures, orientation = Dataset(), Dataset()
-    measures.PixelSpacing = frames[0].PixelSpacing
-    measures.SliceThickness = frames[0].SliceThickness
-    orientation.ImageOrientationPatient = frames[0].ImageOrientationPatient
-    shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    per_frame = []
     for frame in frames:
-        position, group = Dataset(), Dataset()
-        position.ImagePositionPatient = frame.ImagePositionPatient
-        group.PlanePositionSequence = Sequence([position])
-        per_frame.append(group)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    ds.PixelData = b"".join(frame.PixelData for frame in frames)
+        frame.StudyInstanceUID = _uid(seed, "enhanced", "study")
+        frame.SeriesInstanceUID = _uid(seed, "enhanced", "series")
+        frame.PatientID = patient_id
+        frame.PatientName = _fake_name(seed, "enhanced")
+    ds = enhanced_dataset(frames, _uid(seed, "enhanced", "sop"))
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -159,15 +135,15 @@ def _enhanced_mr(files: list[Path], path: Path, patient_id: str, seed: int) -> P
 
 def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> list[dict]:
     """Add the fault corpus to a clean export; returns (and writes) faults.csv.
-    Fault patients copy the first normal patient, and are normal themselves."""
+    Fault patients copy the first normal patient exported as classic MR, and are normal themselves."""
     export = Path(export)
     dicom, root = export / "DICOM", export / "DICOM" / FAULT_ROOT
     cohort = read_csv(export / "cohort.csv")
     annotations = read_csv(export / "annotations.csv")
-    donor_id = next((row["patient_id"] for row in cohort if row["group"] == normal_group), None)
-    if donor_id is None or not annotations:
+    normal_ids = [row["patient_id"] for row in cohort if row["group"] == normal_group]
+    if not normal_ids or not annotations:
         raise SpinedetError("the fault corpus needs a clean export with a normal patient and annotations")
-    donor = _donor_series(dicom, donor_id)
+    donor_id, donor = _donor_series(dicom, normal_ids)
     if len(donor) < 5:
         raise SpinedetError(f"the donor patient has {len(donor)} T2 files: too few to copy")
     identity = pydicom.dcmread(donor[0], stop_before_pixels=True)
@@ -205,8 +181,8 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
     index.save_as(root / "DICOMDIR")
     expect_file("a DICOMDIR (an index, accounted for as such)", root / "DICOMDIR", "ok")
     enhanced = _enhanced_mr(donor, root / "enhanced" / "multiframe.dcm", "FAULT-ENHANCED", seed)
-    expect_file("enhanced multi-frame MR", enhanced, "quarantined", "unsupported_sop_class")
-    patient("enhanced multi-frame MR only", "FAULT-ENHANCED", "no_files")
+    expect_file("enhanced multi-frame MR", enhanced, "ok")
+    patient("enhanced multi-frame MR only", "FAULT-ENHANCED", "selected", conversion="converted")
 
     # Compressed transfer syntaxes: pydicom's MR test images (one axial slice each).
     for name, case in [("MR_small_RLE.dcm", "rle"), ("MR_small_jp2klossless.dcm", "j2k"),
@@ -297,6 +273,12 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
         ("inverted box", {**first, "x_min": first["x_max"], "x_max": first["x_min"]}, "inverted_box"),
         ("unknown label", {**first, "label": "fracture"}, "unknown_label"),
         ("box outside the image", {**first, "x_min": "5000", "x_max": "5010"}, "outside_image"),
+        ("annotation of a multi-frame instance without frame_number",
+         {**first, "series_uid": _uid(seed, "enhanced", "series"), "sop_instance_uid": _uid(seed, "enhanced", "sop"),
+          "instance_number": "1", "frame_number": ""}, "unknown_frame"),
+        ("annotation of a frame the instance does not have",
+         {**first, "series_uid": _uid(seed, "enhanced", "series"), "sop_instance_uid": _uid(seed, "enhanced", "sop"),
+          "instance_number": "1", "frame_number": "999"}, "unknown_frame"),
     ]
     for fault, row, reason in bad_lines:
         annotations.append(row)
