@@ -3,7 +3,7 @@ timed with synchronised clocks at batch 1 and batch n, AMP against fp32 AP50
 on the same weights, one JSON beside the paper's 0.22 / 0.24 s/image.
 
 It runs the project's own code paths (spinedet.train.train_one_epoch with
-autocast and GradScaler, spinedet.evaluate.detect and batch_throughput,
+autocast and GradScaler, spinedet.evaluate.detect and spinedet.speed.batch_throughput,
 pycocotools AP50), so what it proves holds for `snakemake` on a GPU node.
 
 Data: a results folder with slices/ and split/{train,val,test}.json, made by
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from spinedet import SpinedetError, engine, evaluate, metrics, timing, train
+from spinedet import SpinedetError, engine, evaluate, metrics, speed, timing, train
 from spinedet.config import load, model_norm
 from spinedet.data import CocoSlices, image_size, load_coco
 from spinedet.io import write_json
@@ -152,7 +152,7 @@ def check_model(name: str, config: dict, data: Path, device: torch.device, plan:
     passes = {}
     for precision, amp in (("amp", True), ("fp32", False)):
         detections, latency = evaluate.detect(model, dataset, device, score_threshold, plan["timing"]["warmup"], amp)
-        batched = evaluate.batch_throughput(model, dataset, device, timing_config, amp)
+        batched = speed.batch_throughput({name: model}, dataset, device, timing_config, amp)[name]
         passes[precision] = {
             "ap50": metrics.validation_ap50(test_coco, detections),
             "detections": len(detections),

@@ -44,16 +44,29 @@ def set_proposals(model, pre_nms: int, post_nms: int) -> None:
     model.rpn._post_nms_top_n["testing"] = post_nms  # noqa: SLF001
 
 
-def variants(base) -> dict:
+def compile_backbone(model):
+    """torch.compile (inductor) on the backbone body alone: the part with static
+    shapes; the detector's data-dependent heads would break the graph."""
+    model.backbone.body = torch.compile(model.backbone.body, dynamic=False)
+    return model
+
+
+def variants(base, only: list[str] | None = None) -> dict:
     """name -> a function that changes a copy of the model (the current path changes nothing)."""
     pre, post = base.rpn._pre_nms_top_n["testing"], base.rpn._post_nms_top_n["testing"]  # noqa: SLF001
-    return {
+    steps = {
         f"current path (RPN {pre}/{post})": lambda m: m,
         "channels-last": lambda m: m.to(memory_format=torch.channels_last),
         "RPN 500/150 proposals": lambda m: set_proposals(m, 500, 150) or m,
         "RPN 300/100 proposals (as the original Faster R-CNN's 300)": lambda m: set_proposals(m, 300, 100) or m,
         "RPN 150/50 proposals": lambda m: set_proposals(m, 150, 50) or m,
+        "channels-last + RPN 300/100 (the kept steps together)":
+            lambda m: set_proposals(m.to(memory_format=torch.channels_last), 300, 100) or m,
+        "torch.compile of the backbone body": compile_backbone,
     }
+    names = list(steps)
+    chosen = names if not only else [names[0], *(n for n in names[1:] if any(o in n for o in only))]
+    return {name: steps[name] for name in chosen}
 
 
 def run_variant(model, dataset, test_coco: dict, score_threshold: float, warmup: int) -> dict:
@@ -124,6 +137,8 @@ def main() -> None:
     parser.add_argument("--score-threshold", type=float, default=0.05)
     parser.add_argument("--ap-tolerance", type=float, default=0.005)
     parser.add_argument("--profile-slices", type=int, default=20)
+    parser.add_argument("--only", nargs="+", help="run the current path and the variants whose names hold these")
+    parser.add_argument("--no-extras", action="store_true", help="skip the per-patient batching and the profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base, meta = load_trained(args.weights, "cpu")
@@ -131,7 +146,7 @@ def main() -> None:
     dataset = CocoSlices(test_coco, args.images)
 
     results = {}
-    for name, change in variants(base).items():
+    for name, change in variants(base, args.only).items():
         model = change(copy.deepcopy(base)).eval()
         results[name] = run_variant(model, dataset, test_coco, args.score_threshold, args.warmup)
         print(f"{name}: AP50 {results[name]['ap50']:.4f}, median {results[name]['s_per_slice']['median']:.3f} s/slice",
@@ -140,8 +155,9 @@ def main() -> None:
     keep = [name for name, r in list(results.items())[1:]
             if abs(r["ap50"] - current["ap50"]) <= args.ap_tolerance
             and r["s_per_slice"]["median"] < current["s_per_slice"]["median"]]
-    batched = {size: batch_per_patient(copy.deepcopy(base).eval(), dataset, size) for size in (1, 5)}
-    table = profile(copy.deepcopy(base).eval(), dataset, args.profile_slices)
+    batched = {} if args.no_extras else {size: batch_per_patient(copy.deepcopy(base).eval(), dataset, size)
+                                         for size in (1, 5)}
+    table = [] if args.no_extras else profile(copy.deepcopy(base).eval(), dataset, args.profile_slices)
 
     print(f"\n{'variant':<58} {'AP50':>7} {'dAP50':>7} {'median s':>9} {'min s':>7} {'ratio':>6}")
     for name, r in results.items():
@@ -149,10 +165,11 @@ def main() -> None:
         print(f"{name:<58} {r['ap50']:>7.4f} {r['ap50'] - current['ap50']:>+7.4f} "
               f"{r['s_per_slice']['median']:>9.3f} {r['s_per_slice']['min']:>7.3f} {ratio:>6.2f}")
     print("\nkept (AP50 within tolerance and faster):", ", ".join(keep) or "none")
-    print(f"one patient's slices per batch: batch 1 {batched[1]['s_per_slice_median']:.3f}, "
-          f"batch 5 {batched[5]['s_per_slice_median']:.3f} s/slice "
-          f"(ratio {batched[5]['s_per_slice_median'] / batched[1]['s_per_slice_median']:.2f})")
-    print("\nwhere the time goes (current path, torch profiler, CPU time):")
+    if batched:
+        print(f"one patient's slices per batch: batch 1 {batched[1]['s_per_slice_median']:.3f}, "
+              f"batch 5 {batched[5]['s_per_slice_median']:.3f} s/slice "
+              f"(ratio {batched[5]['s_per_slice_median'] / batched[1]['s_per_slice_median']:.2f})")
+        print("\nwhere the time goes (current path, torch profiler, CPU time):")
     for row in table:
         print(f"  {row['stage']:<34} {row['ms_per_slice']:>8.1f} ms/slice {100 * row['share']:>5.1f} %")
     report = {"weights": str(args.weights), "model_config": meta.get("model_config"), "threads": args.threads,

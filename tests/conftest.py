@@ -24,3 +24,20 @@ def smoke_export(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke_export")
     synthesize(root, patients=SMOKE_PATIENTS, matrix=SMOKE_MATRIX, seed=SMOKE_SEED, preview=root / "preview.png")
     return root
+
+
+@pytest.fixture
+def tiny_arch(monkeypatch):
+    """The tiny test detector (tests/tiny_detector.py) registered as architecture `tiny_test`."""
+    from spinedet import models
+    from tiny_detector import tiny_detector
+
+    monkeypatch.setitem(models.ARCHITECTURES, "tiny_test", tiny_detector)
+
+
+@pytest.fixture
+def test_split(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """(test.json, slice root, COCO) of six 64x64 slices of three patients."""
+    from tiny_detector import write_test_split
+
+    return write_test_split(tmp_path)

@@ -184,7 +184,7 @@ def test_architecture_enum_matches_the_model_registry():
         ({"split": {"folds": 1}}, "config key 'split.folds': 1 is not allowed"),
         ({"sed": 1}, "config key 'sed': unknown key"),
         ({"train": {"device": "gpu"}}, "config key 'train.device': 'gpu' is not one of auto, cpu, cuda"),
-        ({"evaluate": {"timing": {"iterations": 0}}}, "config key 'evaluate.timing.iterations': 0 is less than the minimum of 1"),
+        ({"speed": {"iterations": 0}}, "config key 'speed.iterations': 0 is less than the minimum of 1"),
         ({"models": {"my model": {"arch": "fasterrcnn_vgg16"}}}, "config key 'models': name 'my model' is not allowed"),
         ({"models": {"extra": {"lr": 0.1}}}, "config key 'models.extra.arch': missing (required)"),
         ({"models": {"vgg16": {"anchor_sizes": [[16], [32]]}}}, "config key 'models.vgg16.anchor_sizes': fasterrcnn_vgg16_fpn has 4 feature level(s)"),
@@ -324,6 +324,7 @@ def test_each_verb_gets_exactly_its_config_sections_and_parsing_writes_nothing(t
         "train[vgg16]": ["classes", "models", "seed", "train"],
         "evaluate[resnet50]": ["classes", "evaluate", "models", "seed", "train"],
         "evaluate[vgg16]": ["classes", "evaluate", "models", "seed", "train"],
+        "speed": ["evaluate", "models", "speed", "train"],
         "compare": ["classes", "compare", "evaluate", "seed"],
         "report": sorted(set(load([REPO / "config.yaml"])) - {"resources"}),
     }

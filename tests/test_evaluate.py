@@ -1,98 +1,24 @@
-"""`spinedet evaluate` on a tiny detector: detections, metrics and timing files,
-COCO conversion and the timing loop."""
+"""`spinedet evaluate` on a tiny detector: detections and metrics files, COCO
+conversion, and the timing helpers of the core (spinedet.timing)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-from torch import nn
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
 
-from spinedet import SpinedetError, cli, engine, evaluate, models, timing
+from spinedet import SpinedetError, cli, engine, evaluate, timing
+from tiny_detector import CLASSES, SIZE, save_best, study_config, tiny_detector
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["disc_herniation", "cord_injury"]
-SIZE = 64
 
 
-def tiny_detector(model_cfg: dict, num_classes: int, image_size: int, load_weights: bool = True) -> FasterRCNN:
-    """A Faster R-CNN small enough for a unit test (one 8-channel conv as backbone)."""
-    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
-    backbone.out_channels = 8
-    model = FasterRCNN(
-        backbone,
-        rpn_anchor_generator=AnchorGenerator(sizes=((8, 16),), aspect_ratios=((1.0,),)),
-        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(8 * 7 * 7, 32),
-        box_predictor=FastRCNNPredictor(32, num_classes),
-        min_size=image_size,
-        max_size=image_size,
-    )
-    return models.use_grayscale_transform(model)
-
-
-@pytest.fixture
-def tiny_arch(monkeypatch):
-    monkeypatch.setitem(models.ARCHITECTURES, "tiny_test", tiny_detector)
-
-
-@pytest.fixture
-def test_split(tmp_path: Path) -> tuple[Path, Path, dict]:
-    """Six 64x64 slices of three patients (one slice without lesions) and their COCO."""
-    slices = tmp_path / "slices"
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for image_id in range(1, 7):
-        patient = f"p{(image_id - 1) // 2}"
-        name = f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png"
-        pixels = rng.integers(0, 60, (SIZE, SIZE), dtype=np.uint8)
-        if image_id != 6:
-            pixels[20:30, 24:40] = 220
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
-                                "bbox": [24, 20, 16, 10], "area": 160, "iscrowd": 0})
-        (slices / f"sub-{patient}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(slices / name)
-        images.append({"id": image_id, "file_name": name, "width": SIZE, "height": SIZE,
-                       "patient": patient, "group": "disc", "slice_index": image_id})
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
-    test_json = tmp_path / "test.json"
-    test_json.write_text(json.dumps(coco))
-    return test_json, slices, coco
-
-
-def save_best(path: Path, classes=CLASSES) -> Path:
-    torch.manual_seed(0)
-    model = tiny_detector({}, len(classes) + 1, SIZE)
-    torch.save({"model": model.state_dict(), "model_config": {"arch": "tiny_test"}, "classes": classes,
-                "image_size": SIZE, "epoch": 3, "val_ap50": 0.25, "model_name": "tiny"}, path)
-    return path
-
-
-def study_config() -> dict:
-    return {
-        "seed": 11,
-        "classes": CLASSES,
-        "models": {"tiny": {"arch": "tiny_test"}},
-        "train": {"device": "cpu"},
-        "evaluate": {"score_threshold": 0.05, "froc_iou": 0.5, "froc_fps": [0.125, 0.25, 0.5, 1, 2, 4, 8],
-                     "bootstrap": 20, "timing": {"warmup": 1, "iterations": 3, "batch_size": 2},
-                     "operating_point": {"sensitivity": 0.9, "score_threshold": None}},
-    }
-
-
-def test_evaluate_writes_detections_metrics_and_timing(tmp_path, tiny_arch, test_split):
+def test_evaluate_writes_detections_and_metrics(tmp_path, tiny_arch, test_split):
     test_json, slices, coco = test_split
     weights = save_best(tmp_path / "best.pt")
     out = tmp_path / "eval" / "tiny"
@@ -124,21 +50,7 @@ def test_evaluate_writes_detections_metrics_and_timing(tmp_path, tiny_arch, test
     again = evaluate.metrics_lib.coco_summary(coco, detections, CLASSES)
     assert again["ap50"] == metrics["ap50"] and again["ap"] == metrics["ap"]
 
-    timing_result = json.loads((out / "timing.json").read_text())
-    for kind in ("model", "end_to_end"):
-        stats = timing_result["latency_s"][kind]
-        # every test slice after the one warm-up slice
-        assert stats["n"] == 5 and 0 < stats["min"] <= stats["median"] <= stats["p95"] <= stats["max"]
-    assert timing_result["latency_s"]["model"]["median"] <= timing_result["latency_s"]["end_to_end"]["median"]
-    assert [t["batch_size"] for t in timing_result["throughput"]] == [1, 2]
-    assert all(t["images_per_s"] > 0 for t in timing_result["throughput"])
-    assert timing_result["throughput"][1]["batch_seconds"]["n"] == 3
-    for entry in timing_result["throughput"]:
-        load = entry["machine_load"]
-        assert load["wall_s"] > 0 and load["process_cpu_s"] >= 0 and load["logical_cpus"] >= 1
-        assert load["shared"] in (True, False)  # Linux has a load average
-    assert timing_result["hardware"]["device"] == "cpu" and timing_result["hardware"]["torch_threads"] == 1
-    assert timing_result["software"]["torch"] == torch.__version__
+    assert sorted(p.name for p in out.iterdir()) == ["detections.json", "metrics.json"]  # speed is timed apart
 
 
 def test_cli_evaluate_reads_the_study_config(tmp_path, tiny_arch, test_split):
@@ -146,7 +58,7 @@ def test_cli_evaluate_reads_the_study_config(tmp_path, tiny_arch, test_split):
     test_json, slices, _ = test_split
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"train": {"device": "cpu"}, "evaluate": {
-        "bootstrap": 10, "timing": {"warmup": 0, "iterations": 2, "batch_size": 3}}}))
+        "bootstrap": 10}}))
     out = tmp_path / "eval" / "vgg16"
     # the validation split's detections: every lesion found, at scores 0.9 ... 0.5
     val_coco = json.loads(test_json.read_text())
@@ -165,8 +77,6 @@ def test_cli_evaluate_reads_the_study_config(tmp_path, tiny_arch, test_split):
     assert operating["chosen_on"] == "validation" and operating["score_threshold"] == 0.5
     assert metrics["model"] == "vgg16" and metrics["bootstrap"]["seed"] == 20200901
     assert metrics["froc"]["fps_per_image"] == [0.125, 0.25, 0.5, 1, 2, 4, 8]
-    timing_result = json.loads((out / "timing.json").read_text())
-    assert timing_result["warmup"] == 0 and timing_result["throughput"][1]["batch_size"] == 3
     detections = json.loads((out / "detections.json").read_text())
     assert isinstance(detections, list) and all(d["score"] >= 0.05 for d in detections)  # the config's threshold
 

@@ -114,7 +114,9 @@ def write_results(results: Path, seed: int = 0, timing_scale: float = 1.0) -> No
                                                                      "trainable": 1},
                          "model_config": MODEL_CONFIGS[model]}, **body}))
         (out / "detections.json").write_text(json.dumps(detections))
-        (out / "timing.json").write_text(json.dumps(fixture_timing(model, timing_scale * (0.05 + 0.03 * n), shared=model == "vgg16")))
+        (results / "timing").mkdir(parents=True, exist_ok=True)
+        (results / "timing" / f"{model}.json").write_text(
+            json.dumps(fixture_timing(model, timing_scale * (0.05 + 0.03 * n), shared=model == "vgg16")))
         log = results / "models" / model
         log.mkdir(parents=True)
         lines = ["epoch,iters,loss,loss_classifier,loss_box_reg,loss_objectness,loss_rpn_box_reg,lr,val_ap50,seconds"]
@@ -155,7 +157,7 @@ def config_file(tmp_path: Path, demo: bool = True) -> Path:
 def inputs_under(results: Path, models: list[str] = MODELS) -> report.ReportInputs:
     """The report's inputs in the workflow's layout (workflow/rules/report.smk)."""
     return report.ReportInputs(
-        [report.ModelFiles(m, results / "eval" / m / "metrics.json", results / "eval" / m / "timing.json",
+        [report.ModelFiles(m, results / "eval" / m / "metrics.json", results / "timing" / f"{m}.json",
                            results / "eval" / m / "detections.json", results / "models" / m / "train_log.csv")
          for m in models],
         results / "report" / "comparison.json", results / "split" / "test.json", results / "split" / "group_counts.csv",
@@ -331,9 +333,9 @@ def test_no_banner_for_a_real_export(tmp_path):
 def test_missing_input_is_named(tmp_path):
     results = tmp_path / "results"
     write_results(results)
-    (results / "eval" / "vgg16" / "timing.json").unlink()
+    (results / "timing" / "vgg16.json").unlink()
     config = load([REPO / "config.yaml"])
-    with pytest.raises(SpinedetError, match="vgg16/timing.json"):
+    with pytest.raises(SpinedetError, match="timing/vgg16.json"):
         report.build_report(config, inputs_under(results), tmp_path / "out")
 
 
@@ -342,6 +344,7 @@ def test_model_names_are_escaped(tmp_path):
     write_results(results)
     config = load([REPO / "config.yaml"])
     shutil.copytree(results / "eval" / "vgg16", results / "eval" / "<b>x")
+    shutil.copy(results / "timing" / "vgg16.json", results / "timing" / "<b>x.json")
     shutil.copytree(results / "models" / "vgg16", results / "models" / "<b>x")
     report.build_report(config, inputs_under(results, ["resnet50", "<b>x"]), tmp_path / "out")
     html = (tmp_path / "out" / "report.html").read_text()

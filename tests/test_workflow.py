@@ -119,12 +119,13 @@ def jobs_to_run(run: subprocess.CompletedProcess) -> dict[str, int]:
     [
         ({"evaluate": {"bootstrap": 51}}, {"evaluate": 2, "compare": 1, "report": 1}),
         ({"compare": {"permutations": 99}}, {"compare": 1, "report": 1}),
-        ({"models": {"resnet50": {"lr": 0.004}}}, {"train": 1, "evaluate": 1, "compare": 1, "report": 1}),
+        ({"speed": {"slices": 7}}, {"speed": 1, "report": 1}),
+        ({"models": {"resnet50": {"lr": 0.004}}}, {"train": 1, "evaluate": 1, "speed": 1, "compare": 1, "report": 1}),
         ({"slices": {"half_width": 2}},
-         {"slices": 1, "split": 1, "train": 2, "evaluate": 2, "compare": 1, "report": 1}),
+         {"slices": 1, "split": 1, "train": 2, "evaluate": 2, "speed": 1, "compare": 1, "report": 1}),
         ({"split": {"fractions": {"train": 0.6, "val": 0.2, "test": 0.2}}},
-         {"split": 1, "train": 2, "evaluate": 2, "compare": 1, "report": 1}),
-        ({"seed": 5}, {"split": 1, "train": 2, "evaluate": 2, "compare": 1, "report": 1}),
+         {"split": 1, "train": 2, "evaluate": 2, "speed": 1, "compare": 1, "report": 1}),
+        ({"seed": 5}, {"split": 1, "train": 2, "evaluate": 2, "speed": 1, "compare": 1, "report": 1}),
         ({"resources": {"evaluate": {"mem_mb": 9000}}}, {}),
     ],
 )

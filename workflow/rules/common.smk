@@ -22,8 +22,15 @@ def verb_config(*sections, models=None):
     """The config sections a verb reads, as one inline JSON argument (see
     spinedet.config.load). It is a param of the rule, so Snakemake's params
     trigger reruns exactly the rules whose sections changed, and nothing is
-    written at parse time. `models`: only these entries of `models:`."""
-    chosen = {section: config[section] for section in sections}
+    written at parse time. A section may be one key of a section
+    ("evaluate.score_threshold"). `models`: only these entries of `models:`."""
+    chosen = {}
+    for section in sections:
+        top, _, key = section.partition(".")
+        if key:
+            chosen.setdefault(top, {})[key] = config[top][key]
+        else:
+            chosen[top] = config[top]
     if models is not None:
         chosen["models"] = {name: config["models"][name] for name in models}
     return json.dumps(chosen, sort_keys=True)

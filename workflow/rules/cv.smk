@@ -44,7 +44,6 @@ rule evaluate_fold:
         val_detections=rules.train_fold.output.val_detections,
     output:
         metrics=f"{RESULTS}/eval/{{model}}/fold{{fold}}/metrics.json",
-        timing=f"{RESULTS}/eval/{{model}}/fold{{fold}}/timing.json",
         detections=f"{RESULTS}/eval/{{model}}/fold{{fold}}/detections.json",
     log:
         f"{LOGS}/evaluate/{{model}}_fold{{fold}}.log",

@@ -7,7 +7,6 @@ rule evaluate:
         val_detections=rules.train.output.val_detections,
     output:
         metrics=f"{RESULTS}/eval/{{model}}/metrics.json",
-        timing=f"{RESULTS}/eval/{{model}}/timing.json",
         detections=f"{RESULTS}/eval/{{model}}/detections.json",
     log:
         f"{LOGS}/evaluate/{{model}}.log",

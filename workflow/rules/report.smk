@@ -2,7 +2,7 @@ rule report:
     input:
         images=rules.slices.output.slices,
         metrics=expand(f"{RESULTS}/eval/{{model}}/metrics.json", model=MODELS),
-        timing=expand(f"{RESULTS}/eval/{{model}}/timing.json", model=MODELS),
+        timing=rules.speed.output.timing,
         detections=expand(f"{RESULTS}/eval/{{model}}/detections.json", model=MODELS),
         train_logs=expand(f"{RESULTS}/models/{{model}}/train_log.csv", model=MODELS),
         comparison=rules.compare.output.comparison,

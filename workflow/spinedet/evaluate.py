@@ -6,12 +6,10 @@ Writes, under --out:
   and CPM, patient-level bootstrap CIs, PASCAL VOC AP, per-patient
   sensitivity and specificity at an operating point chosen on the validation
   split (see spinedet.metrics), plus the weights' epoch, validation AP50 and
-  parameter count;
-- timing.json: per-image latency at batch 1 over every test image after
-  `evaluate.timing.warmup` (model only, and end-to-end from the PNG file to
-  COCO detections), images/s at batch 1 and at the configured batch size,
-  the machine's load while it timed, and the hardware and software it ran
-  on (see spinedet.timing).
+  parameter count.
+
+Accuracy is per model; the models' speed is compared in one job, by
+`spinedet speed`.
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshol
                 model_seconds.append(model_end - model_start)
                 e2e_seconds.append(time.perf_counter() - start)
     if not model_seconds:
-        raise SpinedetError(f"evaluate.timing.warmup {warmup} leaves none of the {len(dataset)} test images timed")
+        raise SpinedetError(f"warmup {warmup} leaves none of the {len(dataset)} test images timed")
     latency = {
         "model": timing_lib.latency_stats(model_seconds),
         "end_to_end": timing_lib.latency_stats(e2e_seconds),
@@ -79,29 +77,6 @@ def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshol
     log.info("batch 1 over %d test images: model median %.4f s (min %.4f), end to end median %.4f s",
              len(model_seconds), latency["model"]["median"], latency["model"]["min"], latency["end_to_end"]["median"])
     return detections, latency
-
-
-@torch.inference_mode()
-def batch_throughput(model: torch.nn.Module, dataset, device: torch.device, timing_config: dict,
-                     amp: bool = True) -> dict:
-    """Images per second at timing_config['batch_size'] (slices of the test set in
-    memory), over `iterations` timed batches after `warmup` untimed ones."""
-    warmup, iterations = int(timing_config["warmup"]), int(timing_config["iterations"])
-    batch_size = int(timing_config["batch_size"])
-    on_device = [dataset.read_image(i).to(device) for i in range(min(len(dataset), batch_size * (warmup + iterations)))]
-    model.eval()
-
-    def batch(i: int):
-        start = i * batch_size
-        with engine.precision(device, amp):
-            return model([on_device[(start + j) % len(on_device)] for j in range(batch_size)])
-
-    with timing_lib.MachineLoad() as load:
-        seconds = timing_lib.timed_calls(batch, warmup, iterations, device)
-    log.info("batch %d: median %.4f s per batch", batch_size, sorted(seconds)[len(seconds) // 2])
-    return {"batch_size": batch_size, "images_per_s": batch_size * iterations / sum(seconds),
-            "seconds_per_image": sum(seconds) / (batch_size * iterations),
-            "batch_seconds": timing_lib.latency_stats(seconds), "machine_load": load.record}
 
 
 def operating_point(evaluate_config: dict, classes: list[str], validation: tuple[dict, list[dict]] | None) -> dict:
@@ -119,8 +94,8 @@ def operating_point(evaluate_config: dict, classes: list[str], validation: tuple
 
 def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coco: dict,
                    image_root: Path, config: dict, device: torch.device,
-                   validation: tuple[dict, list[dict]] | None = None) -> tuple[list, dict, dict]:
-    """Detections, metrics and timing of one loaded model on the test split;
+                   validation: tuple[dict, list[dict]] | None = None) -> tuple[list, dict]:
+    """Detections and metrics of one loaded model on the test split;
     `validation` (val COCO, the model's val detections) sets the patient-level operating point."""
     from spinedet.data import CocoSlices, check_categories
     from spinedet.models import count_parameters
@@ -139,8 +114,7 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
     engine.set_score_threshold(model, score_threshold)
     dataset = CocoSlices(test_coco, image_root)
 
-    timing_config = evaluate_config["timing"]
-    detections, latency = detect(model, dataset, device, score_threshold, int(timing_config["warmup"]))
+    detections, _ = detect(model, dataset, device, score_threshold)
     log.info("%d detections on %d test images", len(detections), len(dataset))
     metrics = {
         "model": model_name,
@@ -158,26 +132,12 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
     metrics["patient_level"] = {"operating_point": operating,
                                 **metrics_lib.patient_level(test_coco, detections, classes,
                                                             operating["score_threshold"])}
-    batched = batch_throughput(model, dataset, device, timing_config)
-    timing = {
-        "model": model_name,
-        "device": device.type,
-        "warmup": int(timing_config["warmup"]),
-        "iterations": int(timing_config["iterations"]),
-        "latency_s": {"model": latency["model"], "end_to_end": latency["end_to_end"]},
-        "end_to_end_steps": "read PNG, decode to float [1,H,W], copy to device, model, boxes to COCO",
-        "throughput": [
-            {"batch_size": 1, "images_per_s": latency["images_per_s"], "machine_load": latency["machine_load"]},
-            batched,
-        ],
-        **timing_lib.environment(device),
-    }
-    return detections, metrics, timing
+    return detections, metrics
 
 
 def evaluate(config: dict, model_name: str, weights: Path, test: Path, images: Path, out: Path,
              threads: int, val: Path | None = None, val_detections: Path | None = None) -> dict:
-    """The verb on a loaded config: load weights and test set, evaluate, write the three files."""
+    """The verb on a loaded config: load weights and test set, evaluate, write the two files."""
     from spinedet.data import load_coco
     from spinedet.models import load_trained
 
@@ -190,17 +150,14 @@ def evaluate(config: dict, model_name: str, weights: Path, test: Path, images: P
     if (val is None) != (val_detections is None):
         raise SpinedetError("--val and --val-detections go together")
     validation = None if val is None else (load_coco(val), read_json(val_detections))
-    detections, metrics, timing = evaluate_model(model, meta, model_name, test_coco, images, config, device,
+    detections, metrics = evaluate_model(model, meta, model_name, test_coco, images, config, device,
                                                  validation)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "detections.json", detections)
     write_json(out / "metrics.json", metrics)
-    write_json(out / "timing.json", timing)
     ap50 = metrics["ap50"]
-    log.info("%s: AP50 %s, CPM %s, model %.4f s/image (median) on %s", model_name,
-             "n/a" if ap50 is None else f"{ap50:.3f}",
-             "n/a" if metrics["cpm"] is None else f"{metrics['cpm']:.3f}",
-             timing["latency_s"]["model"]["median"], device)
+    log.info("%s: AP50 %s, CPM %s on %s", model_name, "n/a" if ap50 is None else f"{ap50:.3f}",
+             "n/a" if metrics["cpm"] is None else f"{metrics['cpm']:.3f}", device)
     return metrics
 
 

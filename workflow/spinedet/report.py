@@ -1,7 +1,8 @@
 """`spinedet report`: the model-comparison report.
 
-Reads every model's eval/{model}/metrics.json, timing.json, detections.json
-and models/{model}/train_log.csv, plus report/comparison.json, split/group_counts.csv,
+Reads every model's eval/{model}/metrics.json and detections.json,
+timing/{model}.json (spinedet speed: all models timed in one job) and
+models/{model}/train_log.csv, plus report/comparison.json, split/group_counts.csv,
 split/test.json, inventory/summary.json and deid/annotation_issues.csv under
 --results, and writes under --out:
 - report.html: one self-contained file (figures embedded as base64 PNG, CSS
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", required=True, help="model names to compare, in table order")
     per_model = "one per --models entry, in the same order"
     parser.add_argument("--metrics", nargs="+", required=True, type=Path, help=f"eval metrics.json, {per_model}")
-    parser.add_argument("--timing", nargs="+", required=True, type=Path, help=f"eval timing.json, {per_model}")
+    parser.add_argument("--timing", nargs="+", required=True, type=Path, help=f"timing/MODEL.json of spinedet speed, {per_model}")
     parser.add_argument("--detections", nargs="+", required=True, type=Path,
                         help=f"eval detections.json, {per_model}")
     parser.add_argument("--train-logs", nargs="+", required=True, type=Path, help=f"train_log.csv, {per_model}")
