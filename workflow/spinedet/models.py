@@ -377,7 +377,8 @@ def count_parameters(model: nn.Module) -> dict:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load best.pt written by `spinedet train`: (model in eval mode on `device`, metadata).
+    """Load best.pt written by `spinedet train`: (model in eval mode on `device`,
+    channels-last for speed, metadata).
 
     The metadata holds every key of best.pt except the weights: model_name,
     model_config, classes, image_size, epoch, val_ap50.
@@ -408,5 +409,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         load_weights=False,
     )
     model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
+    # channels-last: 0.90x the time per slice on 2 CPU cores, the same detections
+    # (benchmarks/inference_steps.py)
+    model.to(device, memory_format=torch.channels_last).eval()
     return model, meta
