@@ -10,8 +10,11 @@ threshold.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
+
+from spinedet.timing import synchronize
 
 
 def set_score_threshold(model: torch.nn.Module, score_threshold: float) -> None:
@@ -52,6 +55,21 @@ def to_coco_results(output: dict, image_id: int, score_threshold: float = 0.0) -
             "score": round(score, 6),
         })
     return results
+
+
+def timed_detection(model: torch.nn.Module, dataset, index: int, device: torch.device, score_threshold: float,
+                    amp: bool = True) -> tuple[list[dict], float, float]:
+    """COCO results of one image of a spinedet.data.CocoSlices dataset at batch 1,
+    with the seconds of the network alone (with its copies to and from the
+    device) and end to end (read the PNG to COCO results)."""
+    synchronize(device)
+    start = time.perf_counter()
+    image = dataset.read_image(index)
+    model_start = time.perf_counter()
+    output = infer(model, [image], device, amp)[0]  # ends with .cpu(): synchronised
+    model_seconds = time.perf_counter() - model_start
+    results = to_coco_results(output, dataset.images[index]["id"], score_threshold)
+    return results, model_seconds, time.perf_counter() - start
 
 
 def predict_coco(model: torch.nn.Module, loader, device: torch.device, score_threshold: float = 0.0) -> list[dict]:

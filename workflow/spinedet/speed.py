@@ -78,16 +78,10 @@ def time_batch_1(models: dict[str, torch.nn.Module], dataset, device: torch.devi
     with timing_lib.MachineLoad() as load:
         for step, index in enumerate(tqdm(indices, desc="time batch 1", unit="slice")):
             for name in turns(names, step):
-                timing_lib.synchronize(device)
-                start = time.perf_counter()
-                image = dataset.read_image(index)
-                model_start = time.perf_counter()
-                output = engine.infer(models[name], [image], device, amp)[0]  # ends with .cpu(): synchronised
-                model_end = time.perf_counter()
-                engine.to_coco_results(output, dataset.images[index]["id"], score_threshold)
+                _, model_s, e2e_s = engine.timed_detection(models[name], dataset, index, device, score_threshold, amp)
                 if step >= warmup:
-                    model_seconds[name].append(model_end - model_start)
-                    e2e_seconds[name].append(time.perf_counter() - start)
+                    model_seconds[name].append(model_s)
+                    e2e_seconds[name].append(e2e_s)
     return {
         name: {
             "model": timing_lib.latency_stats(model_seconds[name]),
