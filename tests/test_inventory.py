@@ -470,7 +470,7 @@ def test_enhanced_mr_without_its_frame_geometry_is_quarantined_saying_where(tmp_
         "missing_attributes", "4 per-frame functional groups for NumberOfFrames 5")
 
 
-def test_enhanced_mr_frames_in_two_orientations_are_mixed(tmp_path):
+def test_enhanced_mr_frames_in_two_orientations_or_spacings_are_mixed(tmp_path):
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
@@ -479,6 +479,18 @@ def test_enhanced_mr_frames_in_two_orientations_are_mixed(tmp_path):
         orientation.ImageOrientationPatient = AXIAL
         dataset.PerFrameFunctionalGroupsSequence[1].PlaneOrientationSequence = Sequence([orientation])
 
-    row = read_file(write_enhanced(tmp_path, edit=tilt_one_frame)[0])
+    def coarser_one_frame(dataset):
+        measures = Dataset()
+        measures.PixelSpacing = [1.6, 1.4]
+        dataset.PerFrameFunctionalGroupsSequence[3].PixelMeasuresSequence = Sequence([measures])
+
+    def jitter_one_frame(dataset):  # rounding in a scanner's per-frame groups: still one plane
+        orientation = Dataset()
+        orientation.ImageOrientationPatient = [0, 1, 1e-6, 0, 0, -1]
+        dataset.PerFrameFunctionalGroupsSequence[1].PlaneOrientationSequence = Sequence([orientation])
+
+    row = read_file(write_enhanced(tmp_path / "a", edit=tilt_one_frame)[0])
     assert (row["status"], row["orientation"]) == ("ok", "mixed")
     assert build_series([{**row, "path": "x"}])[0]["orientation"] == "mixed"
+    assert read_file(write_enhanced(tmp_path / "b", edit=coarser_one_frame)[0])["orientation"] == "mixed"
+    assert read_file(write_enhanced(tmp_path / "c", edit=jitter_one_frame)[0])["orientation"] == "sagittal"

@@ -276,8 +276,11 @@ def _classify_dataset(dataset) -> dict:
                                f"{expected} expected from Rows x Columns x BitsAllocated"
                                f"{' x NumberOfFrames' if multi_frame else ''}: re-export the file", **fields)
 
-    orientations = [[float(v) for v in frame["ImageOrientationPatient"]] for frame in frames]
-    labels = {orientation_label(iop) for iop in orientations}
+    orientations = np.array([[float(v) for v in frame["ImageOrientationPatient"]] for frame in frames])
+    spacings = np.array([[float(v) for v in frame["PixelSpacing"]] for frame in frames])
+    # frames of one file that do not share one plane geometry cannot make one stack
+    one_geometry = (np.allclose(orientations, orientations[0], atol=1e-4)
+                    and np.allclose(spacings, spacings[0], rtol=1e-4))
     first = frames[0]
     fields.update(
         instance_number=_text(dataset.get("InstanceNumber")),
@@ -289,10 +292,10 @@ def _classify_dataset(dataset) -> dict:
         image_position=_numbers(first["ImagePositionPatient"]),
         frame_positions=json.dumps([json.loads(_numbers(f["ImagePositionPatient"])) for f in frames])
         if multi_frame else "",
-        image_orientation=json.dumps(orientations[0]),
+        image_orientation=json.dumps(orientations[0].tolist()),
         pixel_spacing=_numbers(first["PixelSpacing"]),
         slice_thickness=_text(first["SliceThickness"]),
-        orientation=labels.pop() if len(labels) == 1 and all(o == orientations[0] for o in orientations) else "mixed",
+        orientation=orientation_label(orientations[0]) if one_geometry else "mixed",
     )
     return {"status": "ok", "reason": "", "detail": "", **fields}
 
