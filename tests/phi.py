@@ -23,8 +23,8 @@ than MIN_LENGTH (6) characters are not searched, except name parts, which
 are searched from MIN_NAME_LENGTH (3). A value only counts where it is not
 glued to further letters or digits (so the date 20190312 is not found
 inside 201903121, and a UID is not found inside a longer digit run), and
-an all-digit value not as the fraction of a number (the time 152956 in a
-score 0.152956).
+an all-digit value not as the fraction of a number below one (the time
+152956 in a score 0.152956).
 Matching ignores ASCII case.
 
 `scan_tree` looks at every file and folder under a root: its relative
@@ -241,9 +241,11 @@ class PhiMatcher:
 
 
 def _is_decimal_fraction(data: bytes, start: int, needle: bytes) -> bool:
-    """An all-digit value right after "<digit>." is the fraction of a number
-    (a time 152956 in a score 0.152956), not a value written out."""
-    return needle.isdigit() and start >= 2 and data[start - 1:start] == b"." and data[start - 2:start - 1].isdigit()
+    """An all-digit value right after a lone "0." is the fraction of a number below
+    one (a time 152956 in a score 0.152956), not a value written out; after any
+    other "<digits>." (a UID-like 3.20190312.152956) it still counts."""
+    return (needle.isdigit() and data[max(0, start - 2):start] == b"0."
+            and (start == 2 or (data[start - 3] not in _ALNUM_BYTES and data[start - 3] != ord("."))))
 
 
 def _png_chunks(data: bytes) -> tuple[bytes, list[bytes]]:

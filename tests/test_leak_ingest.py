@@ -179,6 +179,7 @@ def test_scanner_finds_planted_values(tmp_path):
            "Secret General Hospital": "InstitutionName", "152956": "StudyTime"}
     (tmp_path / "20190312_scan.txt").write_text("nothing here")
     (tmp_path / "sidecar.txt").write_text("AcquisitionTime=152956.000")
+    (tmp_path / "uid_like.txt").write_text("1.2.840.3.20190312.152956")  # a time inside a UID-like string
     (tmp_path / "volume.nii.gz").write_bytes(gzip.compress(b"\0" * 100 + b"descrip DOE^JANE" + b"\0" * 100))
     named = io.BytesIO()
     with gzip.GzipFile("Jane.nii", "wb", fileobj=named, mtime=0) as fh:
@@ -202,6 +203,8 @@ def test_scanner_finds_planted_values(tmp_path):
     assert found == {
         ("20190312_scan.txt", "name", "20190312"),
         ("sidecar.txt", "content", "152956"),
+        ("uid_like.txt", "content", "152956"),
+        ("uid_like.txt", "content", "20190312"),
         ("volume.nii.gz", "content (gunzipped)", "Doe^Jane"),
         ("volume.nii.gz", "content (gunzipped)", "Jane"),
         ("named.gz", "gzip header", "Jane"),
