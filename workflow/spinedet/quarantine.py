@@ -9,7 +9,7 @@ REASONS = {
     "unreadable": "DICOM header cannot be parsed",
     "truncated": "file is truncated",
     "no_pixel_data": "no pixel data",
-    "unsupported_sop_class": "SOP class is not MR Image Storage",
+    "unsupported_sop_class": "SOP class is neither MR Image Storage nor Enhanced MR Image Storage",
     "missing_attributes": "attributes needed for the geometry are missing",
     "duplicate": "duplicate SOPInstanceUID",
     "not_in_cohort": "PatientID is not in cohort.csv",

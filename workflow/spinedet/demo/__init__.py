@@ -2,7 +2,7 @@
 
 - phantom: the cervical-spine anatomy and its lesions, as continuous shapes;
 - rendering: series geometry, rendering a phantom into a slice stack, boxes;
-- dicom_writer: MR Image Storage files as a scanner writes them;
+- dicom_writer: MR Image Storage and Enhanced MR Image Storage files as a scanner writes them;
 - identities: the cohort, fake identities and export layouts;
 - truth: the lesion masks kept for tests;
 - preview: the montage of the export.

@@ -1,4 +1,5 @@
-"""Writing MR Image Storage files as a scanner export does (12-bit pixels, full headers)."""
+"""Writing MR Image Storage files as a scanner export does (12-bit pixels, full headers),
+and Enhanced MR Image Storage (one multi-frame file per series) as modern scanners do."""
 
 from __future__ import annotations
 
