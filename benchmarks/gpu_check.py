@@ -150,10 +150,15 @@ def check_model(name: str, config: dict, data: Path, device: torch.device, plan:
     dataset = CocoSlices(test_coco, images)
     timing_config = {**plan["timing"], "batch_size": plan["eval_batch_size"]}
     passes = {}
-    for precision, amp in (("amp", True), ("fp32", False)):
-        detections, latency = evaluate.detect(model, dataset, device, score_threshold, plan["timing"]["warmup"], amp)
-        batched = speed.batch_throughput({name: model}, dataset, device, timing_config, amp)[name]
-        passes[precision] = {
+    # "amp": the pipeline's own inference precision (float16 on CUDA; bfloat16 or
+    # float32 on the CPU, train.cpu_inference_precision), against float32
+    pipeline_precision = engine.inference_precision(device, config["train"]["cpu_inference_precision"])
+    for pass_name, precision in (("amp", pipeline_precision), ("fp32", "float32")):
+        detections, latency = evaluate.detect(model, dataset, device, precision, score_threshold,
+                                              plan["timing"]["warmup"])
+        batched = speed.batch_throughput({name: model}, dataset, device, precision, timing_config)[name]
+        passes[pass_name] = {
+            "precision": precision,
             "ap50": metrics.validation_ap50(test_coco, detections),
             "detections": len(detections),
             "batch_1": {"s_per_image_median": latency["model"]["median"], "s_per_image_min": latency["model"]["min"],
@@ -165,10 +170,10 @@ def check_model(name: str, config: dict, data: Path, device: torch.device, plan:
                                                     "machine_load": batched["machine_load"]},
         }
         log.info("%s %s: AP50 %s, batch 1 median %.4f s/image, batch %d %.4f s/image", name, precision,
-                 passes[precision]["ap50"], latency["model"]["median"], timing_config["batch_size"],
+                 passes[pass_name]["ap50"], latency["model"]["median"], timing_config["batch_size"],
                  batched["seconds_per_image"])
     amp_ap, fp32_ap = passes["amp"]["ap50"], passes["fp32"]["ap50"]
-    batch_1 = passes["amp" if device.type == "cuda" else "fp32"]["batch_1"]["s_per_image_median"]
+    batch_1 = passes["amp"]["batch_1"]["s_per_image_median"]
     return {
         "arch": model_cfg["arch"],
         "norm": model_cfg["norm"],

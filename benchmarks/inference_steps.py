@@ -54,14 +54,21 @@ def compile_backbone(model):
 def quantize_box_head(model):
     """Dynamic int8 quantization of the box head's fully connected layers (run per
     proposal: 12.8 M weights in fc6 alone), on top of the kept steps."""
-    set_proposals(model.to(memory_format=torch.channels_last), 300, 100)
+    kept_steps(model)
     model.roi_heads.box_head = torch.ao.quantization.quantize_dynamic(
         model.roi_heads.box_head, {torch.nn.Linear}, dtype=torch.qint8)
     return model
 
 
+def kept_steps(model):
+    """channels-last and RPN 300/100: the steps adopted so far."""
+    set_proposals(model.to(memory_format=torch.channels_last), 300, 100)
+    return model
+
+
 def variants(base, only: list[str] | None = None) -> dict:
-    """name -> a function that changes a copy of the model (the current path changes nothing)."""
+    """name -> (a function that changes a copy of the model, the precision it runs in);
+    the current path changes nothing and runs in float32."""
     pre, post = base.rpn._pre_nms_top_n["testing"], base.rpn._post_nms_top_n["testing"]  # noqa: SLF001
     steps = {
         f"baseline: contiguous weights, RPN {pre}/{post} as trained": lambda m: m,
@@ -69,20 +76,22 @@ def variants(base, only: list[str] | None = None) -> dict:
         "RPN 500/150 proposals": lambda m: set_proposals(m, 500, 150) or m,
         "RPN 300/100 proposals (as the original Faster R-CNN's 300)": lambda m: set_proposals(m, 300, 100) or m,
         "RPN 150/50 proposals": lambda m: set_proposals(m, 150, 50) or m,
-        "channels-last + RPN 300/100 (the kept steps together)":
-            lambda m: set_proposals(m.to(memory_format=torch.channels_last), 300, 100) or m,
+        "channels-last + RPN 300/100 (the kept steps together)": kept_steps,
         "torch.compile of the backbone body": compile_backbone,
         "kept steps + int8 box head (dynamic quantization)": quantize_box_head,
     }
+    precisions = {"kept steps + bfloat16 autocast": (kept_steps, "bfloat16")}
+    steps = {name: (change, "float32") for name, change in steps.items()} | precisions
     names = list(steps)
     chosen = names if not only else [names[0], *(n for n in names[1:] if any(o in n for o in only))]
     return {name: steps[name] for name in chosen}
 
 
-def run_variant(model, dataset, test_coco: dict, score_threshold: float, warmup: int) -> dict:
+def run_variant(model, dataset, test_coco: dict, precision: str, score_threshold: float, warmup: int) -> dict:
     engine.set_score_threshold(model, score_threshold)
-    detections, latency = evaluate.detect(model, dataset, torch.device("cpu"), score_threshold, warmup)
+    detections, latency = evaluate.detect(model, dataset, torch.device("cpu"), precision, score_threshold, warmup)
     return {"ap50": metrics.validation_ap50(test_coco, detections), "detections": len(detections),
+            "precision": precision,
             "s_per_slice": latency["model"], "machine_load": latency["machine_load"]}
 
 
@@ -93,11 +102,11 @@ def batch_per_patient(model, dataset, slices_per_batch: int) -> dict:
         by_patient.setdefault(str(image.get("patient")), []).append(index)
     batches = [indices[:slices_per_batch] for indices in by_patient.values()][:12]
     loaded = [[dataset.read_image(i) for i in batch] for batch in batches]
-    engine.infer(model, loaded[0], torch.device("cpu"))  # warm-up
+    engine.infer(model, loaded[0], torch.device("cpu"), "float32")  # warm-up
     per_slice = []
     for batch in loaded[1:]:
         start = time.perf_counter()
-        engine.infer(model, batch, torch.device("cpu"))
+        engine.infer(model, batch, torch.device("cpu"), "float32")
         per_slice.append((time.perf_counter() - start) / len(batch))
     return {"slices_per_batch": slices_per_batch, "batches": len(per_slice),
             "s_per_slice_median": statistics.median(per_slice), "s_per_slice_min": min(per_slice)}
@@ -119,10 +128,10 @@ def profile(model, dataset, slices: int) -> list[dict]:
 
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     images = [dataset.read_image(i) for i in range(min(slices, len(dataset)))]
-    engine.infer(model, images[:1], torch.device("cpu"))
+    engine.infer(model, images[:1], torch.device("cpu"), "float32")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for image in images:
-            engine.infer(model, [image], torch.device("cpu"))
+            engine.infer(model, [image], torch.device("cpu"), "float32")
     for handle in handles:
         handle.remove()
     events = {e.key: e for e in prof.key_averages()}
@@ -159,9 +168,9 @@ def main() -> None:
     dataset = CocoSlices(test_coco, args.images)
 
     results = {}
-    for name, change in variants(base, args.only).items():
+    for name, (change, precision) in variants(base, args.only).items():
         model = change(copy.deepcopy(base)).eval()
-        results[name] = run_variant(model, dataset, test_coco, args.score_threshold, args.warmup)
+        results[name] = run_variant(model, dataset, test_coco, precision, args.score_threshold, args.warmup)
         print(f"{name}: AP50 {results[name]['ap50']:.4f}, median {results[name]['s_per_slice']['median']:.3f} s/slice",
               flush=True)
     current = next(iter(results.values()))

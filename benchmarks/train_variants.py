@@ -133,7 +133,7 @@ def main() -> None:
     iters, final_loss = train_for(model, model_cfg, train_set, weights, args.budget, args.warmup, args.seed)
     val_loader = torch.utils.data.DataLoader(CocoSlices(val_coco, results / "slices"), batch_size=4,
                                              collate_fn=collate)
-    summary = coco_summary(val_coco, predict_coco(model, val_loader, torch.device("cpu")), classes)
+    summary = coco_summary(val_coco, predict_coco(model, val_loader, torch.device("cpu"), "float32"), classes)
     row = {
         "name": args.name,
         "model": args.model,

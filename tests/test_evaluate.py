@@ -119,21 +119,45 @@ def test_score_threshold_reaches_the_model():
     assert model.roi_heads.score_thresh == 0.01
 
 
-def test_one_inference_path_gives_float_cpu_outputs_and_coco_results():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_one_inference_path_gives_float_cpu_outputs_and_coco_results(precision):
     torch.manual_seed(0)
     model = tiny_detector({}, 3, SIZE)
     engine.set_score_threshold(model, 0.0)
     model.train()  # infer switches to eval mode itself
     images = [torch.rand(1, SIZE, SIZE), torch.rand(1, SIZE, SIZE)]
-    outputs = engine.infer(model, images, torch.device("cpu"))
+    outputs = engine.infer(model, images, torch.device("cpu"), precision)
     assert not model.training and len(outputs) == 2
     for output in outputs:
         assert output["boxes"].dtype == output["scores"].dtype == torch.float32
         assert output["boxes"].device.type == "cpu"
     batches = [(images, [{"image_id": 11}, {"image_id": 12}])]
-    results = engine.predict_coco(model, batches, torch.device("cpu"))
+    results = engine.predict_coco(model, batches, torch.device("cpu"), precision)
     expected = engine.to_coco_results(outputs[0], 11) + engine.to_coco_results(outputs[1], 12)
     assert results == expected
+
+
+def test_bfloat16_autocast_runs_the_convolutions_in_bfloat16_and_float32_does_not():
+    seen = []
+    conv = torch.nn.Conv2d(1, 2, 3)
+    conv.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+    for precision in ("bfloat16", "float32"):
+        with engine.autocast(torch.device("cpu"), precision):
+            conv(torch.rand(1, 1, 8, 8))
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_inference_precision_follows_the_device_and_the_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engine.inference_precision(cuda, "float32") == "float16"  # CUDA: autocast as in training
+    assert engine.inference_precision(cpu, "float32") == "float32"
+    assert engine.inference_precision(cpu, "bfloat16") == "bfloat16"
+    monkeypatch.setattr(engine, "cpu_has_native_bfloat16", lambda: True)
+    assert engine.inference_precision(cpu, "auto") == "bfloat16"
+    monkeypatch.setattr(engine, "cpu_has_native_bfloat16", lambda: False)
+    assert engine.inference_precision(cpu, "auto") == "float32"
+    with pytest.raises(ValueError, match="float8"):
+        engine.inference_precision(cpu, "float8")
 
 
 def test_resolve_device_cuda_without_cuda(monkeypatch):

@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 CLASSES = ["disc_herniation", "cord_injury"]
 CONFIG = {
     "classes": CLASSES,
-    "train": {"device": "cpu", "threads": 1},
+    "train": {"device": "cpu", "cpu_inference_precision": "auto", "threads": 1},
     "slices": {"window_percentiles": [1.0, 99.0]},
     "inventory": {
         "orientation": "sagittal",

@@ -72,7 +72,7 @@ def fixture_timing(model: str, median: float, shared: bool = False) -> dict:
     stats = {"mean": median * 1.1, "median": median, "p95": median * 1.5, "min": median * 0.9,
              "max": median * 2, "n": 20}
     return {
-        "model": model, "device": "cpu", "warmup": 3, "iterations": 20,
+        "model": model, "device": "cpu", "precision": "bfloat16", "warmup": 3, "iterations": 20,
         "latency_s": {"model": stats, "end_to_end": {k: (v * 1.2 if k != "n" else v) for k, v in stats.items()}},
         "throughput": [{"batch_size": 1, "images_per_s": 1 / median, "machine_load": {
                             "load_average_1min_before": 2.1, "load_average_1min_after": 3.9 if shared else 2.0,
@@ -109,7 +109,7 @@ def write_results(results: Path, seed: int = 0, timing_scale: float = 1.0) -> No
         out = results / "eval" / model
         out.mkdir(parents=True)
         (out / "metrics.json").write_text(json.dumps(
-            {"model": model, "arch": f"fasterrcnn_{model}", "score_threshold": 0.05,
+            {"model": model, "arch": f"fasterrcnn_{model}", "score_threshold": 0.05, "inference_precision": "bfloat16",
              "weights": {"epoch": 5, "val_ap50": 0.5, "parameters": {"total": 41_000_000 - n * 9_000_000,
                                                                      "trainable": 1},
                          "model_config": MODEL_CONFIGS[model]}, **body}))
@@ -215,7 +215,7 @@ def test_report_has_both_models_paper_rows_and_banner(rendered):
     assert issues == {"box outside image": "2", "unknown instance": "1"}
     manifest = re.search(r"config sha256</dt><dd>([0-9a-f]{64}) \(config.yaml beside this report\)</dd>", html)
     assert manifest and "seed</dt><dd>20200901" in html
-    assert "Test CPU 3000" in html
+    assert "Test CPU 3000" in html and "torch threads), inference in bfloat16; torch" in html
 
 
 def test_report_names_each_recipe_and_its_departures_from_the_paper(rendered):
@@ -483,6 +483,7 @@ def test_methods_paragraph_reads_every_number_from_the_outputs(rendered):
     for model, row in summary.items():
         assert f"{model} {100 * float(row['ap50']):.1f} % (95 % CI {100 * float(row['ap50_ci_low']):.1f}" in methods
     assert "40 bootstrap resamples of test patients" in methods
+    assert "Detection (inference under bfloat16 autocast) was scored on the test slices" in methods
     assert "resnet50 minus vgg16, paired comparison: ΔAP50" in methods
     assert methods in (rendered / "report.md").read_text()
 

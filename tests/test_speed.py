@@ -42,11 +42,12 @@ def test_the_models_take_turns_in_an_order_that_alternates(test_split):
     dataset = CocoSlices(load_coco(test_json), slices)
     calls: list[str] = []
     models = {"a": Recorder("a", calls), "b": Recorder("b", calls), "c": Recorder("c", calls)}
-    latency = speed.time_batch_1(models, dataset, torch.device("cpu"), warmup=1, slices=2, score_threshold=0.05)
+    latency = speed.time_batch_1(models, dataset, torch.device("cpu"), "float32", warmup=1, slices=2,
+                                 score_threshold=0.05)
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # 3 slices: one warm-up, two timed
     assert all(latency[name]["model"]["n"] == 2 for name in models)
     calls.clear()
-    batched = speed.batch_throughput(models, dataset, torch.device("cpu"),
+    batched = speed.batch_throughput(models, dataset, torch.device("cpu"), "float32",
                                      {"warmup": 0, "iterations": 2, "batch_size": 3})
     assert calls == ["a", "b", "c", "c", "b", "a"]
     assert all(batched[name]["batch_seconds"]["n"] == 2 and batched[name]["batch_size"] == 3 for name in models)

@@ -112,7 +112,8 @@ def config_for(model_cfg: dict, name: str = "resnet50") -> dict:
     return {
         "seed": 5,
         "classes": CLASSES,
-        "train": {"device": "cpu", "threads": 1, "deterministic": False, "workers": 0},
+        "train": {"device": "cpu", "cpu_inference_precision": "auto", "threads": 1, "deterministic": False,
+                  "workers": 0},
         "models": {name: model_cfg},
     }
 

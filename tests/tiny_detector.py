@@ -76,7 +76,7 @@ def study_config() -> dict:
         "seed": 11,
         "classes": CLASSES,
         "models": {"tiny": {"arch": "tiny_test"}},
-        "train": {"device": "cpu"},
+        "train": {"device": "cpu", "cpu_inference_precision": "auto"},
         "evaluate": {"score_threshold": 0.05, "froc_iou": 0.5, "froc_fps": [0.125, 0.25, 0.5, 1, 2, 4, 8],
                      "bootstrap": 20,
                      "operating_point": {"sensitivity": 0.9, "score_threshold": None}},

@@ -11,7 +11,8 @@ rule speed:
         f"{BENCH}/speed.tsv"
     params:
         # the config sections the verb reads (a change reruns the rule)
-        config=verb_config("speed", "evaluate.score_threshold", "train.device", models=MODELS),
+        config=verb_config("speed", "evaluate.score_threshold", "train.device", "train.cpu_inference_precision",
+                           models=MODELS),
         models=MODELS,
         out=lambda wildcards, output: Path(output.timing[0]).parent,
     conda:

@@ -1,10 +1,11 @@
 """Running a detector: the one inference path of validation (train),
 evaluation and predict.
 
-Every caller gets the same thing: the model in eval mode, no autograd, mixed
-precision on CUDA (as in training) and fp32 on the CPU, outputs as float32
-tensors on the CPU. The model keeps boxes down to the configured score
-threshold.
+Every caller gets the same thing: the model in eval mode, no autograd, the
+precision of `inference_precision` (float16 autocast on CUDA, as in training;
+bfloat16 autocast on a CPU with native bfloat16 instructions; else float32),
+outputs as float32 tensors on the CPU. The model keeps boxes down to the
+configured score threshold.
 """
 
 from __future__ import annotations
@@ -25,18 +26,39 @@ def set_score_threshold(model: torch.nn.Module, score_threshold: float) -> None:
         roi_heads.score_thresh = float(score_threshold)
 
 
-def precision(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
-    """Autocast on CUDA, nothing on the CPU: the precision of every forward pass
-    (`amp=False` forces fp32 on CUDA too, to check AMP against it)."""
-    return torch.autocast(device_type="cuda", enabled=amp and device.type == "cuda")
+AUTOCAST_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matrix products in hardware. Without them
+    oneDNN emulates bfloat16 and is slower than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # noqa: SLF001
+
+
+def inference_precision(device: torch.device, cpu_precision: str = "auto") -> str:
+    """The precision of every forward pass outside training (config
+    `train.cpu_inference_precision` on the CPU): float16 on CUDA; on the CPU
+    bfloat16 or float32 as asked, `auto` = bfloat16 where the CPU has it natively."""
+    if device.type == "cuda":
+        return "float16"
+    if cpu_precision == "auto":
+        return "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    if cpu_precision not in ("bfloat16", "float32"):
+        raise ValueError(f"CPU inference precision {cpu_precision!r} is not one of auto, bfloat16, float32")
+    return cpu_precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of `precision` (float32: none)."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.inference_mode()
-def infer(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device,
-          amp: bool = True) -> list[dict]:
+def infer(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device, precision: str) -> list[dict]:
     """torchvision detections (boxes xyxy, labels, scores) for a list of [C, H, W] images."""
     model.eval()
-    with precision(device, amp):
+    with autocast(device, precision):
         outputs = model([image.to(device) for image in images])
     return [{key: (value.float() if value.is_floating_point() else value).cpu() for key, value in output.items()}
             for output in outputs]
@@ -57,8 +79,8 @@ def to_coco_results(output: dict, image_id: int, score_threshold: float = 0.0) -
     return results
 
 
-def timed_detection(model: torch.nn.Module, dataset, index: int, device: torch.device, score_threshold: float,
-                    amp: bool = True) -> tuple[list[dict], float, float]:
+def timed_detection(model: torch.nn.Module, dataset, index: int, device: torch.device, precision: str,
+                    score_threshold: float) -> tuple[list[dict], float, float]:
     """COCO results of one image of a spinedet.data.CocoSlices dataset at batch 1,
     with the seconds of the network alone (with its copies to and from the
     device) and end to end (read the PNG to COCO results)."""
@@ -66,16 +88,17 @@ def timed_detection(model: torch.nn.Module, dataset, index: int, device: torch.d
     start = time.perf_counter()
     image = dataset.read_image(index)
     model_start = time.perf_counter()
-    output = infer(model, [image], device, amp)[0]  # ends with .cpu(): synchronised
+    output = infer(model, [image], device, precision)[0]  # ends with .cpu(): synchronised
     model_seconds = time.perf_counter() - model_start
     results = to_coco_results(output, dataset.images[index]["id"], score_threshold)
     return results, model_seconds, time.perf_counter() - start
 
 
-def predict_coco(model: torch.nn.Module, loader, device: torch.device, score_threshold: float = 0.0) -> list[dict]:
+def predict_coco(model: torch.nn.Module, loader, device: torch.device, precision: str,
+                 score_threshold: float = 0.0) -> list[dict]:
     """COCO results for every image of a loader of (images, targets) batches (spinedet.data.collate)."""
     results = []
     for images, targets in loader:
-        for target, output in zip(targets, infer(model, images, device)):
+        for target, output in zip(targets, infer(model, images, device, precision)):
             results += to_coco_results(output, int(target["image_id"]), score_threshold)
     return results

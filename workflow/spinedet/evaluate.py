@@ -45,17 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
-def detect(model: torch.nn.Module, dataset, device: torch.device, score_threshold: float,
-           warmup: int = 0, amp: bool = True) -> tuple[list[dict], dict]:
-    """Detections on every image of a spinedet.data.CocoSlices dataset, and the
-    latency of each step after the first `warmup` images: `model` (the network,
-    with its copies to and from the device) and `end_to_end` (read the PNG to
-    COCO results). The verb logs it; the benchmarks use it (one pass gives AP
-    and time); the study's timing comparison is `spinedet speed`'s."""
+def detect(model: torch.nn.Module, dataset, device: torch.device, precision: str, score_threshold: float,
+           warmup: int = 0) -> tuple[list[dict], dict]:
+    """Detections on every image of a spinedet.data.CocoSlices dataset in
+    `precision` (spinedet.engine.inference_precision), and the latency of each
+    step after the first `warmup` images: `model` (the network, with its copies
+    to and from the device) and `end_to_end` (read the PNG to COCO results).
+    The verb logs it; the benchmarks use it (one pass gives AP and time); the
+    study's timing comparison is `spinedet speed`'s."""
     detections, model_seconds, e2e_seconds = [], [], []
     with timing_lib.MachineLoad() as load:
         for index in tqdm(range(len(dataset)), desc="detect", unit="image"):
-            results, model_s, e2e_s = engine.timed_detection(model, dataset, index, device, score_threshold, amp)
+            results, model_s, e2e_s = engine.timed_detection(model, dataset, index, device, precision, score_threshold)
             detections += results
             if index >= warmup:
                 model_seconds.append(model_s)
@@ -107,8 +108,9 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
     model.to(device).eval()
     engine.set_score_threshold(model, score_threshold)
     dataset = CocoSlices(test_coco, image_root)
+    precision = engine.inference_precision(device, config["train"]["cpu_inference_precision"])
 
-    detections, _ = detect(model, dataset, device, score_threshold)
+    detections, _ = detect(model, dataset, device, precision, score_threshold)
     log.info("%d detections on %d test images", len(detections), len(dataset))
     metrics = {
         "model": model_name,
@@ -120,6 +122,7 @@ def evaluate_model(model: torch.nn.Module, meta: dict, model_name: str, test_coc
             "model_config": meta.get("model_config"),
         },
         "score_threshold": score_threshold,
+        "inference_precision": precision,
         **metrics_lib.evaluate_detections(test_coco, detections, classes, evaluate_config, int(config["seed"])),
     }
     operating = operating_point(evaluate_config, classes, validation)

@@ -265,14 +265,14 @@ class InstanceLocator:
 
 
 def detect_slices(
-    model, slices: np.ndarray, classes: list[str], device: torch.device, score_threshold: float
+    model, slices: np.ndarray, classes: list[str], device: torch.device, precision: str, score_threshold: float
 ) -> list[dict]:
     """Detections on every uint8 canonical slice (n, H, W), in canonical pixel edges."""
     engine.set_score_threshold(model, min(float(model.roi_heads.score_thresh), score_threshold))
     detections = []
     for slice_index in tqdm(range(len(slices)), desc="predict", unit="slice"):
         image = torch.from_numpy(slices[slice_index].astype(np.float32) / 255.0)[None]
-        output = engine.infer(model, [image], device)[0]
+        output = engine.infer(model, [image], device, precision)[0]
         for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist()):
             if score >= score_threshold:
                 detections.append(
@@ -353,7 +353,8 @@ def predict(
             raise SpinedetError(f"--input {input_path}: not a DICOM folder nor a .nii/.nii.gz file")
 
     check_spacing_and_matrix(volume, slices, meta)
-    detections = detect_slices(model, slices, classes, device, score_threshold)
+    precision = engine.inference_precision(device, config["train"]["cpu_inference_precision"])
+    detections = detect_slices(model, slices, classes, device, precision, score_threshold)
     if locator is not None:
         for det in detections:
             det["dicom"] = locator.to_dicom(det["slice_index"], det["box"])
@@ -380,6 +381,7 @@ def predict(
             "classes": classes,
         },
         "score_threshold": score_threshold,
+        "inference_precision": precision,
         "input": {
             "kind": kind,
             "slices": int(len(slices)),

@@ -46,6 +46,10 @@ from spinedet.io import read_csv, read_json, write_csv, write_text  # noqa: E402
 log = logging.getLogger(__name__)
 
 FIGURE_DPI = 150
+# metrics.json's inference_precision in the methods paragraph
+INFERENCE_PRECISION = {"float32": "in float32", "bfloat16": "under bfloat16 autocast",
+                       "float16": "under float16 autocast"}
+
 # Detections drawn on the example slices: the threshold is for legibility only;
 # every metric uses all detections above evaluate.score_threshold.
 DISPLAY_SCORE = 0.5
@@ -328,6 +332,7 @@ def comparison_row(model: dict, classes: list[str]) -> dict:
     batched = max(throughput)
     row |= {
         "timing_device": t["hardware"]["gpu"] or t["hardware"]["cpu"],
+        "timing_precision": t.get("precision"),
         "timing_model_median_s": t["latency_s"]["model"]["median"],
         "timing_model_min_s": t["latency_s"]["model"]["min"],
         "timing_model_p95_s": t["latency_s"]["model"]["p95"],
@@ -542,6 +547,9 @@ def methods_paragraph(config: dict, cohort: dict, test: dict, models: list[dict]
                        f"decay, {weights}; tested with the weights of epoch "
                        f"{model['metrics'].get('weights', {}).get('epoch')}, the best by validation AP50)")
     first = models[0]["metrics"]
+    precisions = {model["metrics"].get("inference_precision") for model in models}
+    precision = precisions.pop() if len(precisions) == 1 else None  # None: older metrics.json, or mixed
+    inference = f" (inference {INFERENCE_PRECISION[precision]})" if precision else ""
     results = "; ".join(
         f"{row['model']} {percent(row['ap50'])} %"
         + (f" (95 % CI {percent(row['ap50_ci_low'])}–{percent(row['ap50_ci_high'])})"
@@ -551,10 +559,10 @@ def methods_paragraph(config: dict, cohort: dict, test: dict, models: list[dict]
         f"The cohort held {cohort['total']} patients ({groups}), split at the patient level and stratified by "
         f"group into {splits}. From each patient's sagittal T2-weighted series, {selection} were used; "
         f"the test split holds {first.get('n_images')} slices of {first.get('n_patients')} patients. Faster "
-        f"R-CNN detectors were trained: {'; '.join(trained)}. Detection was scored on the test slices with COCO "
-        f"AP at IoU 0.5 (pycocotools, 101-point interpolation); 95 % confidence intervals are percentile "
-        f"intervals of {first.get('bootstrap', {}).get('draws')} bootstrap resamples of test patients. Test "
-        f"AP50: {results}.")
+        f"R-CNN detectors were trained: {'; '.join(trained)}. Detection{inference} was scored on the test "
+        f"slices with COCO AP at IoU 0.5 (pycocotools, 101-point interpolation); 95 % confidence intervals are "
+        f"percentile intervals of {first.get('bootstrap', {}).get('draws')} bootstrap resamples of test patients. "
+        f"Test AP50: {results}.")
     for pair in paired:
         text += " " + pair["sentence"].replace(":", ", paired comparison:", 1)
     if paired:
@@ -774,7 +782,7 @@ def run_manifest(config: dict, models: list[dict]) -> dict:
         "packages": package_versions(),
         "report_platform": f"{platform.platform()}, Python {platform.python_version()}",
         "evaluation_hardware": [
-            {"model": m["name"], **m["timing"]["hardware"],
+            {"model": m["name"], **m["timing"]["hardware"], "precision": m["timing"].get("precision"),
              "torch": m["timing"]["software"].get("torch"), "cuda": m["timing"]["software"].get("cuda"),
              "load": m["timing"]["throughput"][0].get("machine_load")}
             for m in models

@@ -10,7 +10,8 @@ loaded together and take turns on the same test slices.
   model runs once, in an order that alternates from slice to slice, so a
   drift in the machine's speed falls on all models alike. Each run is
   timed for the model alone (the network, with its copies to and from the
-  device) and end to end (read the PNG to COCO results).
+  device) and end to end (read the PNG to COCO results), in the precision of
+  evaluate (spinedet.engine.inference_precision).
 - Batch `speed.batch_size`: `speed.iterations` timed
   batches per model after `warmup` untimed ones, interleaved batch by batch.
 
@@ -66,8 +67,8 @@ def turns(names: list[str], step: int) -> list[str]:
 
 
 @torch.inference_mode()
-def time_batch_1(models: dict[str, torch.nn.Module], dataset, device: torch.device, warmup: int, slices: int,
-                 score_threshold: float, amp: bool = True) -> dict[str, dict]:
+def time_batch_1(models: dict[str, torch.nn.Module], dataset, device: torch.device, precision: str, warmup: int,
+                 slices: int, score_threshold: float) -> dict[str, dict]:
     """Per model: latency statistics of the model alone and end to end, at batch 1, interleaved."""
     indices = spread(len(dataset), warmup + slices)
     if len(indices) <= warmup:
@@ -78,7 +79,7 @@ def time_batch_1(models: dict[str, torch.nn.Module], dataset, device: torch.devi
     with timing_lib.MachineLoad() as load:
         for step, index in enumerate(tqdm(indices, desc="time batch 1", unit="slice")):
             for name in turns(names, step):
-                _, model_s, e2e_s = engine.timed_detection(models[name], dataset, index, device, score_threshold, amp)
+                _, model_s, e2e_s = engine.timed_detection(models[name], dataset, index, device, precision, score_threshold)
                 if step >= warmup:
                     model_seconds[name].append(model_s)
                     e2e_seconds[name].append(e2e_s)
@@ -94,8 +95,8 @@ def time_batch_1(models: dict[str, torch.nn.Module], dataset, device: torch.devi
 
 
 @torch.inference_mode()
-def batch_throughput(models: dict[str, torch.nn.Module], dataset, device: torch.device, timing_config: dict,
-                     amp: bool = True) -> dict[str, dict]:
+def batch_throughput(models: dict[str, torch.nn.Module], dataset, device: torch.device, precision: str,
+                     timing_config: dict) -> dict[str, dict]:
     """Per model: images per second at timing_config['batch_size'] (test slices in memory),
     over `iterations` timed batches after `warmup` untimed ones, interleaved batch by batch."""
     warmup, iterations = int(timing_config["warmup"]), int(timing_config["iterations"])
@@ -111,7 +112,7 @@ def batch_throughput(models: dict[str, torch.nn.Module], dataset, device: torch.
             for name in turns(names, step):
                 timing_lib.synchronize(device)
                 start = time.perf_counter()
-                with engine.precision(device, amp):
+                with engine.autocast(device, precision):
                     models[name](batch)
                 timing_lib.synchronize(device)
                 if step >= warmup:
@@ -131,15 +132,17 @@ def time_models(models: dict[str, torch.nn.Module], dataset, device: torch.devic
     for model in models.values():
         model.to(device).eval()
         engine.set_score_threshold(model, score_threshold)
-    latency = time_batch_1(models, dataset, device, int(timing_config["warmup"]), int(timing_config["slices"]),
-                           score_threshold)
-    batched = batch_throughput(models, dataset, device, timing_config)
+    precision = engine.inference_precision(device, config["train"]["cpu_inference_precision"])
+    latency = time_batch_1(models, dataset, device, precision, int(timing_config["warmup"]),
+                           int(timing_config["slices"]), score_threshold)
+    batched = batch_throughput(models, dataset, device, precision, timing_config)
     environment = timing_lib.environment(device)
     results = {}
     for name in models:
         results[name] = {
             "model": name,
             "device": device.type,
+            "precision": precision,
             "interleaved_with": [other for other in models if other != name],
             "warmup": int(timing_config["warmup"]),
             "iterations": int(timing_config["iterations"]),

@@ -471,6 +471,7 @@ def train_model(
     state_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(train_cfg["device"])
+    precision = engine.inference_precision(device, train_cfg["cpu_inference_precision"])
     threads = int(threads or train_cfg["threads"])
     if device.type == "cpu":
         torch.set_num_threads(threads)
@@ -510,9 +511,9 @@ def train_model(
     params = count_parameters(model)
     log.info(
         "%s (%s): %.1fM parameters (%.1fM trainable), %d px slices, %d train / %d val images, "
-        "%d iterations per epoch, device %s",
+        "%d iterations per epoch, device %s, validation in %s",
         model_name, model_cfg["arch"], params["total"] / 1e6, params["trainable"] / 1e6, size,
-        len(train_set), len(val_set), iters_per_epoch, device,
+        len(train_set), len(val_set), iters_per_epoch, device, precision,
     )
 
     fingerprint = {
@@ -520,6 +521,7 @@ def train_model(
         "model_config": model_cfg,
         "classes": classes,
         "seed": seed,
+        "validation_precision": precision,  # it picks the best epoch
         "train_sha256": file_sha256(train_json),
         "val_sha256": file_sha256(val_json),
         # regenerated slices under unchanged COCO files must not resume stale training
@@ -560,7 +562,7 @@ def train_model(
                 ap50, val_detections = None, []
                 if len(val_set):
                     val_loader = make_loader(val_set, batch_size, False, workers, seed)
-                    val_detections = engine.predict_coco(model, val_loader, device)
+                    val_detections = engine.predict_coco(model, val_loader, device, precision)
                     ap50 = validation_ap50(val_coco, val_detections)
                 row = {
                     "epoch": epoch,
