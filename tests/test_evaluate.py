@@ -137,6 +137,22 @@ def test_one_inference_path_gives_float_cpu_outputs_and_coco_results(precision):
     assert results == expected
 
 
+def test_only_the_backbone_runs_in_the_reduced_precision():
+    """The features reach the RPN and the box head as float32, whatever the backbone ran in."""
+    torch.manual_seed(0)
+    model = tiny_detector({}, 3, SIZE)
+    seen = {}
+
+    def record(name, tensor):
+        seen.setdefault(name, tensor.dtype)  # returns None: the hooks change nothing
+
+    model.backbone.register_forward_hook(lambda _m, _i, output: record("backbone", output))
+    model.rpn.head.register_forward_pre_hook(lambda _m, inputs: record("rpn", inputs[0][0]))
+    model.roi_heads.box_head.register_forward_pre_hook(lambda _m, inputs: record("box head", inputs[0]))
+    engine.infer(model, [torch.rand(1, SIZE, SIZE)], torch.device("cpu"), "bfloat16")
+    assert seen == {"backbone": torch.bfloat16, "rpn": torch.float32, "box head": torch.float32}
+
+
 def test_bfloat16_autocast_runs_the_convolutions_in_bfloat16_and_float32_does_not():
     seen = []
     conv = torch.nn.Conv2d(1, 2, 3)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.models.detection.image_list import ImageList
 
 from spinedet import SpinedetError
 from spinedet.geometry import pixel_box_to_voxel_box
@@ -38,18 +39,30 @@ CONFIG = {
 META = {"classes": CLASSES, "image_size": 128, "model_name": "replay", "model_config": {"arch": "none"}, "epoch": 1}
 
 
-class ReplayModel(torch.nn.Module):
-    """Stands in for a detector: returns given boxes on given slices (called once per slice, in order)."""
+class ReplayTransform:
+    """Batches the slices as they are, recording their shapes."""
 
-    def __init__(self, boxes_by_slice: dict[int, list[tuple[list[float], int]]]):
-        super().__init__()
-        self.boxes_by_slice = boxes_by_slice
-        self.roi_heads = SimpleNamespace(score_thresh=0.05)
-        self.calls = 0
+    def __init__(self):
         self.shapes = []
 
-    def forward(self, images):
+    def __call__(self, images):
         self.shapes.append(tuple(images[0].shape))
+        return ImageList(torch.stack(images), [tuple(image.shape[-2:]) for image in images]), None
+
+    def postprocess(self, detections, _sizes, _original_sizes):
+        return detections
+
+
+class ReplayHeads:
+    """Returns the given boxes of each slice in turn."""
+
+    score_thresh = 0.05
+
+    def __init__(self, boxes_by_slice: dict[int, list[tuple[list[float], int]]]):
+        self.boxes_by_slice = boxes_by_slice
+        self.calls = 0
+
+    def __call__(self, _features, _proposals, _image_sizes):
         found = self.boxes_by_slice.get(self.calls, [])
         self.calls += 1
         return [
@@ -58,7 +71,27 @@ class ReplayModel(torch.nn.Module):
                 "labels": torch.tensor([label for _, label in found], dtype=torch.int64),
                 "scores": torch.full((len(found),), 0.9),
             }
-        ]
+        ], {}
+
+
+class ReplayModel(torch.nn.Module):
+    """Stands in for a detector: returns given boxes on given slices (called once per slice, in
+    order), through the stages spinedet.engine.forward runs (transform, backbone, RPN, ROI heads)."""
+
+    def __init__(self, boxes_by_slice: dict[int, list[tuple[list[float], int]]]):
+        super().__init__()
+        self.transform = ReplayTransform()
+        self.backbone = lambda tensors: tensors
+        self.rpn = lambda _images, _features: (None, {})
+        self.roi_heads = ReplayHeads(boxes_by_slice)
+
+    @property
+    def calls(self) -> int:
+        return self.roi_heads.calls
+
+    @property
+    def shapes(self) -> list[tuple]:
+        return self.transform.shapes
 
 
 def study_truth(export: Path, series_uid: str, rows: list[dict], headers: list[dict], work: Path) -> SimpleNamespace:

@@ -11,24 +11,18 @@ import yaml
 
 from spinedet import SpinedetError, cli, speed
 from spinedet.data import CocoSlices, load_coco
-from tiny_detector import save_best, study_config
+from tiny_detector import save_best, study_config, tiny_detector
 
 REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)
 
 
-class Recorder(torch.nn.Module):
-    """Stands in for a detector: one empty detection list per image, each call logged by name."""
-
-    def __init__(self, name: str, calls: list[str]):
-        super().__init__()
-        self.name, self.calls = name, calls
-
-    def forward(self, images):
-        self.calls.append(self.name)
-        return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
-                for _ in images]
+def recorder(name: str, calls: list[str]) -> torch.nn.Module:
+    """A tiny detector whose backbone logs each call (one per batch) by name."""
+    model = tiny_detector({}, 3, 64)
+    model.backbone.register_forward_pre_hook(lambda _module, _inputs: calls.append(name))
+    return model
 
 
 def test_the_slices_timed_are_spread_over_the_test_set():
@@ -41,7 +35,7 @@ def test_the_models_take_turns_in_an_order_that_alternates(test_split):
     test_json, slices, _ = test_split
     dataset = CocoSlices(load_coco(test_json), slices)
     calls: list[str] = []
-    models = {"a": Recorder("a", calls), "b": Recorder("b", calls), "c": Recorder("c", calls)}
+    models = {name: recorder(name, calls) for name in ("a", "b", "c")}
     latency = speed.time_batch_1(models, dataset, torch.device("cpu"), "float32", warmup=1, slices=2,
                                  score_threshold=0.05)
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # 3 slices: one warm-up, two timed

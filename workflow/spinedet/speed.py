@@ -112,8 +112,7 @@ def batch_throughput(models: dict[str, torch.nn.Module], dataset, device: torch.
             for name in turns(names, step):
                 timing_lib.synchronize(device)
                 start = time.perf_counter()
-                with engine.autocast(device, precision):
-                    models[name](batch)
+                engine.forward(models[name], batch, precision)
                 timing_lib.synchronize(device)
                 if step >= warmup:
                     seconds[name].append(time.perf_counter() - start)
