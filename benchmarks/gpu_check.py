@@ -2,8 +2,8 @@
 timed with synchronised clocks at batch 1 and batch n, AMP against fp32 AP50
 on the same weights, one JSON beside the paper's 0.22 / 0.24 s/image.
 
-It runs the project's own code paths (spinedet.train.train_one_epoch with
-autocast and GradScaler, spinedet.evaluate.detect and spinedet.speed.batch_throughput,
+It runs the project's own code paths (spinedet.detect.train.train_one_epoch with
+autocast and GradScaler, spinedet.study.evaluate.detect and spinedet.study.speed.batch_throughput,
 pycocotools AP50), so what it proves holds for `snakemake` on a GPU node.
 
 Data: a results folder with slices/ and split/{train,val,test}.json, made by
@@ -32,11 +32,14 @@ from pathlib import Path
 
 import torch
 
-from spinedet import SpinedetError, engine, evaluate, metrics, speed, timing, train
+from spinedet import SpinedetError
+from spinedet.detect import engine, train
+from spinedet.detect.validation import validation_ap50
+from spinedet.study import evaluate, speed, timing
 from spinedet.config import load, model_norm
-from spinedet.data import CocoSlices, image_size, load_coco
+from spinedet.dataset.data import CocoSlices, image_size, load_coco
 from spinedet.io import write_json
-from spinedet.models import build_model, count_parameters, resolve_device
+from spinedet.detect.models import build_model, count_parameters, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "benchmarks/out/gpu_check/results"
@@ -76,7 +79,7 @@ def first_images(coco: dict, count: int | None) -> dict:
 
 def timed_training(model, model_cfg: dict, dataset, weights, device: torch.device, iterations: int,
                    warmup_iterations: int, batch_size: int, workers: int, seed: int) -> dict:
-    """`iterations` SGD steps through spinedet.train.train_one_epoch (autocast and
+    """`iterations` SGD steps through spinedet.detect.train.train_one_epoch (autocast and
     GradScaler on CUDA) after `warmup_iterations` untimed ones."""
     schedule_cfg = {**model_cfg, "epochs": 1}
     optimizer = train.build_optimizer(model, schedule_cfg)
@@ -159,7 +162,7 @@ def check_model(name: str, config: dict, data: Path, device: torch.device, plan:
         batched = speed.batch_throughput({name: model}, dataset, device, precision, timing_config)[name]
         passes[pass_name] = {
             "precision": precision,
-            "ap50": metrics.validation_ap50(test_coco, detections),
+            "ap50": validation_ap50(test_coco, detections),
             "detections": len(detections),
             "batch_1": {"s_per_image_median": latency["model"]["median"], "s_per_image_min": latency["model"]["min"],
                         "latency_s": latency["model"], "end_to_end_s": latency["end_to_end"],

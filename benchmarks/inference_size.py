@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from spinedet.config import load
-from spinedet.models import build_model
-from spinedet.timing import environment, latency_stats, timed_calls
+from spinedet.detect.models import build_model
+from spinedet.study.timing import environment, latency_stats, timed_calls
 
 REPO = Path(__file__).resolve().parents[1]
 

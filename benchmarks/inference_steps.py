@@ -2,7 +2,7 @@
 path in the same run, with the test AP50 each one gives.
 
 Every variant detects every test slice at batch 1 (the evaluate verb's pass:
-spinedet.evaluate.detect, each slice timed), so one pass gives both its
+spinedet.study.evaluate.detect, each slice timed), so one pass gives both its
 seconds per slice and its AP50 (pycocotools). A step is worth keeping when its
 AP50 stays within --ap-tolerance of the current path's. Then a torch profiler
 table of the current path shows where the time goes (transform, backbone
@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from spinedet import engine, evaluate, metrics, timing
-from spinedet.data import CocoSlices, load_coco
+from spinedet.detect import engine
+from spinedet.detect.validation import validation_ap50
+from spinedet.study import evaluate, timing
+from spinedet.dataset.data import CocoSlices, load_coco
 from spinedet.io import write_json
-from spinedet.models import load_trained
+from spinedet.detect.models import load_trained
 
 PROFILED = {
     "transform": lambda m: m.transform,
@@ -81,7 +83,7 @@ def variants(base, only: list[str] | None = None) -> dict:
         "kept steps + int8 box head (dynamic quantization)": quantize_box_head,
     }
     # bfloat16 autocast over the whole detector (commit 9f05fc0; inference_steps_bfloat16_whole_detector_*.json)
-    # cost 3.6 and 7.0 points of AP50: spinedet.engine.forward keeps the heads in float32
+    # cost 3.6 and 7.0 points of AP50: spinedet.detect.engine.forward keeps the heads in float32
     precisions = {"kept steps + bfloat16 backbone and FPN, heads in float32": (kept_steps, "bfloat16")}
     steps = {name: (change, "float32") for name, change in steps.items()} | precisions
     names = list(steps)
@@ -92,7 +94,7 @@ def variants(base, only: list[str] | None = None) -> dict:
 def run_variant(model, dataset, test_coco: dict, precision: str, score_threshold: float, warmup: int) -> dict:
     engine.set_score_threshold(model, score_threshold)
     detections, latency = evaluate.detect(model, dataset, torch.device("cpu"), precision, score_threshold, warmup)
-    return {"ap50": metrics.validation_ap50(test_coco, detections), "detections": len(detections),
+    return {"ap50": validation_ap50(test_coco, detections), "detections": len(detections),
             "precision": precision,
             "s_per_slice": latency["model"], "machine_load": latency["machine_load"]}
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pydicom
 
-from spinedet.dicom import list_files, read_file
-from spinedet.synthesize import synthesize
+from spinedet.ingest.dicom import list_files, read_file
+from spinedet.demo.synthesize import synthesize
 
 
 def files_per_second(paths: list[Path], read) -> float:

@@ -29,11 +29,11 @@ import torch
 import yaml
 
 from spinedet.config import load
-from spinedet.data import CocoSlices, collate, image_size, load_coco
-from spinedet.engine import predict_coco
-from spinedet.metrics import coco_summary
-from spinedet.models import build_model, model_norm
-from spinedet.train import WARMUP_FACTOR, build_optimizer, make_loader, training_set
+from spinedet.dataset.data import CocoSlices, collate, image_size, load_coco
+from spinedet.detect.engine import predict_coco
+from spinedet.study.metrics import coco_summary
+from spinedet.detect.models import build_model, model_norm
+from spinedet.detect.train import WARMUP_FACTOR, build_optimizer, make_loader, training_set
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_CSV = REPO / "benchmarks" / "results" / "train_variants.csv"

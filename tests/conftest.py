@@ -19,7 +19,7 @@ SMOKE_SEED = 3
 
 @pytest.fixture(scope="session")
 def smoke_export(tmp_path_factory) -> Path:
-    from spinedet.synthesize import synthesize
+    from spinedet.demo.synthesize import synthesize
 
     root = tmp_path_factory.mktemp("smoke_export")
     synthesize(root, patients=SMOKE_PATIENTS, matrix=SMOKE_MATRIX, seed=SMOKE_SEED, preview=root / "preview.png")
@@ -29,7 +29,7 @@ def smoke_export(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_arch(monkeypatch):
     """The tiny test detector (tests/tiny_detector.py) registered as architecture `tiny_test`."""
-    from spinedet import models
+    from spinedet.detect import models
     from tiny_detector import tiny_detector
 
     monkeypatch.setitem(models.ARCHITECTURES, "tiny_test", tiny_detector)

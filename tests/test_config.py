@@ -157,7 +157,7 @@ def test_load_merges_files_in_order(tmp_path):
 
 
 def test_architecture_enum_matches_the_model_registry():
-    from spinedet.models import ARCHITECTURES
+    from spinedet.detect.models import ARCHITECTURES
 
     schema_archs = sorted(known_architectures(load_schema(SCHEMA_PATH)))
     assert schema_archs == sorted(ARCHITECTURES) == sorted(FEATURE_LEVELS)

@@ -222,10 +222,10 @@ def test_marker_lands_in_mapped_box_after_real_dcm2niix(
     tmp_path_factory, plane, axis, degrees, flip_rows, flip_columns, reverse_order, three_d, shape,
     spacing, step, data,
 ):
-    from spinedet.dicom_to_nifti import run_dcm2niix
-    from spinedet.deidentify import InstanceIndex, map_annotation
-    from spinedet.dicom import list_files
-    from spinedet.inventory import classify_files
+    from spinedet.ingest.dicom_to_nifti import run_dcm2niix
+    from spinedet.ingest.deidentify import InstanceIndex, map_annotation
+    from spinedet.ingest.dicom import list_files
+    from spinedet.ingest.inventory import classify_files
     from spinedet.demo.dicom_writer import write_series
 
     n_slices, rows, cols = shape

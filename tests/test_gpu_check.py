@@ -10,15 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from spinedet import engine
+from spinedet.detect import engine
+from tiny_detector import write_slices
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["disc_herniation", "cord_injury"]
 SIZE = 96
 
 
@@ -31,22 +29,7 @@ def load_gpu_check():
 
 def write_split(root: Path) -> None:
     """slices/ and split/{train,val,test}.json: eight 96 px slices of four patients, a bright box on most."""
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for image_id in range(1, 9):
-        patient = f"p{(image_id - 1) // 2}"
-        name = f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png"
-        pixels = rng.integers(0, 60, (SIZE, SIZE), dtype=np.uint8)
-        if image_id % 4:
-            pixels[30:44, 20:40] = 220
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
-                                "bbox": [20, 30, 20, 14], "area": 280, "iscrowd": 0})
-        (root / "slices" / f"sub-{patient}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(root / "slices" / name)
-        images.append({"id": image_id, "file_name": name, "width": SIZE, "height": SIZE,
-                       "patient": patient, "group": "disc", "slice_index": image_id})
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+    coco = write_slices(root, size=SIZE, count=8, box=(20, 30, 20, 14), lesion_free=(4, 8))
     (root / "split").mkdir()
     for split in ("train", "val", "test"):
         (root / "split" / f"{split}.json").write_text(json.dumps(coco))

@@ -16,7 +16,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from spinedet import models
+from spinedet.detect import models
 
 CLASSES = ["disc_herniation", "cord_injury"]
 SIZE = 64
@@ -38,29 +38,38 @@ def tiny_detector(model_cfg: dict, num_classes: int, image_size: int, load_weigh
     return models.use_grayscale_transform(model)
 
 
+def write_slices(root: Path, size: int = SIZE, count: int = 6, box: tuple[int, int, int, int] = (24, 20, 16, 10),
+                 lesion_free: tuple[int, ...] = (6,)) -> dict:
+    """`count` noise slices of `size` px, two per patient, under root/slices, with a
+    bright lesion and its box [x, y, w, h] on every slice not in `lesion_free`
+    (classes alternating); their COCO dict."""
+    slices = root / "slices"
+    rng = np.random.default_rng(0)
+    x, y, w, h = box
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        patient = f"p{(image_id - 1) // 2}"
+        name = f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png"
+        pixels = rng.integers(0, 60, (size, size), dtype=np.uint8)
+        if image_id not in lesion_free:
+            pixels[y:y + h, x:x + w] = 220
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        (slices / f"sub-{patient}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(slices / name)
+        images.append({"id": image_id, "file_name": name, "width": size, "height": size,
+                       "patient": patient, "group": "disc", "slice_index": image_id})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+
+
 def write_test_split(root: Path) -> tuple[Path, Path, dict]:
     """Six 64x64 slices of three patients (one slice without lesions) and their COCO:
     (test.json, slice root, COCO)."""
-    slices = root / "slices"
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for image_id in range(1, 7):
-        patient = f"p{(image_id - 1) // 2}"
-        name = f"sub-{patient}/sub-{patient}_slice-{image_id:02d}.png"
-        pixels = rng.integers(0, 60, (SIZE, SIZE), dtype=np.uint8)
-        if image_id != 6:
-            pixels[20:30, 24:40] = 220
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + image_id % 2,
-                                "bbox": [24, 20, 16, 10], "area": 160, "iscrowd": 0})
-        (slices / f"sub-{patient}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(slices / name)
-        images.append({"id": image_id, "file_name": name, "width": SIZE, "height": SIZE,
-                       "patient": patient, "group": "disc", "slice_index": image_id})
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": c} for k, c in enumerate(CLASSES)]}
+    coco = write_slices(root)
     test_json = root / "test.json"
     test_json.write_text(json.dumps(coco))
-    return test_json, slices, coco
+    return test_json, root / "slices", coco
 
 
 def save_best(path: Path, classes=CLASSES) -> Path:

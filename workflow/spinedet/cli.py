@@ -14,30 +14,39 @@ import sys
 
 from spinedet import SpinedetError, configure_logging
 
+# verb: (module, one-line help). Each module lives in the wing of the DAG it belongs to.
 STAGES = {
-    "synthesize": "Write the synthetic cervical-spine DICOM export (demo data).",
-    "inventory": "Account for every file of a raw export and pick one target series per patient.",
-    "convert": "Convert the selected series to NIfTI with dcm2niix (stays in restricted/).",
-    "deidentify": "Pseudonymise patients, scrub sidecars, map annotations to voxel space.",
-    "slices": "Write canonical PNG slices and one COCO JSON per patient.",
-    "split": "Patient-level stratified train/val/test split as COCO datasets.",
-    "train": "Train one detector (resumable).",
-    "evaluate": "COCO metrics, FROC, bootstrap CIs and patient-level results on the test split.",
-    "speed": "Time every model in one job, interleaved on the same test slices.",
-    "cv": "Cross-validation summary over the folds, and the fold ensemble on the test split.",
-    "compare": "Paired AP50 difference of every model pair: bootstrap CI and permutation p-value.",
-    "report": "The model-comparison report (HTML, Markdown, CSV, figures).",
-    "predict": "Detect lesions in a new DICOM series or NIfTI volume.",
+    "synthesize": ("demo.synthesize", "Write the synthetic cervical-spine DICOM export (demo data)."),
+    "inventory": ("ingest.inventory",
+                  "Account for every file of a raw export and pick one target series per patient."),
+    "convert": ("ingest.convert", "Convert the selected series to NIfTI with dcm2niix (stays in restricted/)."),
+    "deidentify": ("ingest.deidentify", "Pseudonymise patients, scrub sidecars, map annotations to voxel space."),
+    "slices": ("dataset.slices", "Write canonical PNG slices and one COCO JSON per patient."),
+    "split": ("dataset.split", "Patient-level stratified train/val/test split as COCO datasets."),
+    "train": ("detect.train", "Train one detector (resumable)."),
+    "evaluate": ("study.evaluate",
+                 "COCO metrics, FROC, bootstrap CIs and patient-level results on the test split."),
+    "speed": ("study.speed", "Time every model in one job, interleaved on the same test slices."),
+    "cv": ("study.cv", "Cross-validation summary over the folds, and the fold ensemble on the test split."),
+    "compare": ("study.compare",
+                "Paired AP50 difference of every model pair: bootstrap CI and permutation p-value."),
+    "report": ("study.report", "The model-comparison report (HTML, Markdown, CSV, figures)."),
+    "predict": ("detect.predict", "Detect lesions in a new DICOM series or NIfTI volume."),
 }
+
+
+def stage_module(stage: str) -> str:
+    """The dotted module of a verb, e.g. spinedet.dataset.slices."""
+    return f"spinedet.{STAGES[stage][0]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinedet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, help_text in STAGES.items():
+    for name, (_, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
-        stage_parser.set_defaults(_module=f"spinedet.{name}")
+        stage_parser.set_defaults(_module=stage_module(name))
         # Arguments are added lazily (see main) so --help stays fast.
         stage_parser.set_defaults(_lazy=True)
     return parser
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # Find the stage name first, then let that stage's module add its arguments.
     stage = next((a for a in argv if a in STAGES), None)
     if stage is not None:
-        module = importlib.import_module(f"spinedet.{stage}")
+        module = importlib.import_module(stage_module(stage))
         stage_parser = parser._subparsers._group_actions[0].choices[stage]  # noqa: SLF001
         module.add_arguments(stage_parser)
     args = parser.parse_args(argv)

@@ -1,0 +1,396 @@
+"""`spinedet predict`: detect lesions in a new study with a trained model.
+
+The input is one DICOM series folder (or a folder holding a study: the
+target series is then chosen by the config's `inventory:` rules, as for
+training) or a NIfTI volume. Slices are prepared exactly as for training:
+DICOM goes through dcm2niix like `spinedet convert`, the volume is turned to
+the canonical sagittal orientation and windowed like `spinedet slices`.
+Every slice of the volume is searched.
+
+Output in --out:
+- detections.json: per detection the slice index, the box [x_min, y_min,
+  x_max, y_max] on the canonical slice (pixel edges; anterior left,
+  superior up), label and score; for DICOM input also the box in DICOM
+  pixel coordinates (column, row) of the source instance, with its
+  SOPInstanceUID and InstanceNumber (and the frame number, for a frame of
+  an Enhanced MR instance; null otherwise).
+- overlays/slice-KK.png: every slice with its boxes and scores.
+
+This is clinical output for the patient's record, not a study result: it
+may carry DICOM UIDs, so keep it out of results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from spinedet import SpinedetError
+from spinedet.detect import engine
+from spinedet.io import write_json
+
+log = logging.getLogger(__name__)
+
+CANONICAL_ORIENTATION = (
+    "sagittal slices, index 0 = the patient's leftmost; image rows run superior to inferior, "
+    "columns anterior to posterior; boxes are pixel edges [x_min, y_min, x_max, y_max]"
+)
+CLASS_COLOURS = [(255, 64, 64), (64, 192, 255), (255, 208, 64), (128, 255, 128)]
+OVERLAY_MIN_SIDE = 512
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from spinedet.config import add_config_argument
+
+    parser.description = (
+        "Detect lesions in a new DICOM series (or study folder) or NIfTI volume. The output is "
+        "clinical: detections.json may contain DICOM UIDs of the input, so keep it with the "
+        "patient's record and out of results/."
+    )
+    add_config_argument(parser)
+    parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="DICOM series (or study) folder, or a .nii/.nii.gz volume"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (detections.json, overlays/); may hold UIDs"
+    )
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (default 0.5)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: config train.threads)")
+    parser.add_argument("--allow-non-sagittal", action="store_true",
+                        help="run on a volume acquired axially or coronally (refused by default: the detectors "
+                             "were trained on sagittal slices, and its sagittal reformats are as coarse as its "
+                             "slice thickness)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from spinedet.config import load
+
+    config = load(args.config)
+    result = predict(config, args.weights, args.input, args.out, args.score_threshold, args.threads,
+                     allow_non_sagittal=args.allow_non_sagittal)
+    log.info("%d detections on %d slices; see %s", len(result["detections"]), result["input"]["slices"], args.out)
+    return 0
+
+
+# ---------------------------------------------------------------- input
+
+
+def is_nifti(path: Path) -> bool:
+    return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
+
+
+def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
+    """(series row, its image file rows) of the target series under `folder`.
+
+    One series: that one. Several: the one the inventory rules would select.
+    """
+    from spinedet.ingest.dicom import build_series, is_target, list_files, read_file
+
+    rows, seen = [], set()
+    for path in tqdm(list_files(folder), desc="read headers", unit="file"):
+        row = {**read_file(path), "path": path.as_posix()}
+        if row["status"] == "ok" and row.get("kind") == "image" and row["sop_instance_uid"] not in seen:
+            seen.add(row["sop_instance_uid"])
+            rows.append(row)
+    patients = {row["patient_id"] for row in rows}
+    if len(patients) > 1:
+        raise SpinedetError(
+            f"{folder} holds images of {len(patients)} patients: point --input at one patient's series or "
+            "study (predict runs on one patient at a time)")
+    series = build_series(rows)
+    if not series:
+        raise SpinedetError(f"{folder}: no readable MR image (see `spinedet inventory` for the reasons)")
+    if len(series) > 1:
+        targets = [s for s in series if is_target(s, rules)]
+        if not targets:
+            found = "; ".join(f"{s['orientation']} {s['description']!r} ({s['n_slices']} images)" for s in series)
+            raise SpinedetError(
+                f"{folder} holds {len(series)} series and none meets the inventory rules: {found}. "
+                "Point --input at the one series folder to use."
+            )
+        series = sorted(targets, key=lambda s: -s["n_slices"])
+    chosen = series[0]
+    log.info("series %r: %s, %d images", chosen["description"], chosen["orientation"], chosen["n_slices"])
+    return chosen, [r for r in rows if r["series_uid"] == chosen["series_uid"]]
+
+
+def convert_series(series: dict, files: list[dict], work_dir: Path) -> Path:
+    """dcm2niix, exactly as `spinedet convert` runs it; the NIfTI path."""
+    from spinedet.ingest.dicom_to_nifti import run_dcm2niix
+
+    result = run_dcm2niix(
+        [Path(f["path"]) for f in files],
+        work_dir / "nifti",
+        work_dir=work_dir,
+        pixels_per_image=int(series["rows"]) * int(series["columns"]),
+        images=int(series["n_slices"]),
+    )
+    if result["status"] != "converted":
+        raise SpinedetError(f"dcm2niix could not convert the series: {result['message']}")
+    return Path(result["nifti"])
+
+
+def prepare_volume(nifti: Path, window_percentiles: list[float]):
+    """(original NIfTI affine, CanonicalVolume, uint8 canonical slices) as `spinedet slices` makes them."""
+    from spinedet.dataset.canonical import to_canonical, window_to_uint8
+
+    try:
+        image = nib.load(nifti)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise SpinedetError(f"cannot read volume {nifti}: {exc}") from exc
+    volume = to_canonical(image)
+    return image.affine, volume, window_to_uint8(volume.data, list(window_percentiles))
+
+
+def acquisition_plane(affine: np.ndarray) -> tuple[str, list[float]]:
+    """The plane a volume's slices were acquired in, and its voxel sizes in mm.
+
+    The slices lie across the thickest voxel axis; its direction in the world
+    names the plane (along L-R: sagittal, A-P: coronal, S-I: axial).
+    `isotropic` when no axis is at least 1.5x thicker than the others: such a
+    volume reformats to sagittal slices without loss.
+    """
+    from spinedet.geometry import PLANE_BY_AXIS, PLANE_MIN_COSINE
+
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    sizes = np.linalg.norm(columns, axis=0)
+    thick = int(np.argmax(sizes))
+    if sizes[thick] < 1.5 * np.delete(sizes, thick).max():
+        return "isotropic", [round(float(v), 3) for v in sizes]
+    direction = np.abs(columns[:, thick]) / sizes[thick]
+    world = int(np.argmax(direction))
+    plane = PLANE_BY_AXIS[world] if direction[world] >= PLANE_MIN_COSINE else "oblique"
+    return plane, [round(float(v), 3) for v in sizes]
+
+
+def check_input_plane(affine: np.ndarray, input_path: Path, allow_non_sagittal: bool) -> None:
+    plane, sizes = acquisition_plane(affine)
+    if plane in ("sagittal", "isotropic"):
+        return
+    voxels = " x ".join(f"{v:.2f}" for v in sizes)
+    message = (f"{input_path}: the volume was acquired {plane} (voxels {voxels} mm), but the detectors were "
+               f"trained on sagittal slices; its sagittal reformats would be {max(sizes):.1f} mm coarse")
+    if not allow_non_sagittal:
+        raise SpinedetError(f"{message}. Use the patient's sagittal series, or pass --allow-non-sagittal "
+                            "to run anyway")
+    log.warning("%s (--allow-non-sagittal: running anyway)", message)
+
+
+def check_spacing_and_matrix(volume, slices: np.ndarray, meta: dict) -> None:
+    """Warn when the slices are far (> 25 %) from the training slices' pixel spacing or size."""
+    spacing = np.linalg.norm(np.asarray(volume.affine, dtype=float)[:3, 1:3], axis=0)
+    trained = meta.get("pixel_spacing_mm")
+    if trained:
+        ratio = spacing / np.asarray(trained, dtype=float)
+        if np.any(np.abs(ratio - 1) > 0.25):
+            log.warning("pixels are %.2f x %.2f mm, the model was trained on %.2f x %.2f mm: lesions look %.1fx "
+                        "their trained size", *spacing, *trained, float(1 / ratio.mean()))
+    if max(slices.shape[1:]) != int(meta["image_size"]):
+        log.warning(
+            "slices are %dx%d px, the model was trained on %d px: it resizes them to that size",
+            slices.shape[2], slices.shape[1], meta["image_size"],
+        )
+
+
+# ---------------------------------------------------------------- geometry
+
+
+class InstanceLocator:
+    """Maps canonical slice boxes back to the DICOM image they lie on: an
+    instance, or one frame of a multi-frame instance."""
+
+    def __init__(self, files: list[dict], nifti_affine: np.ndarray, canonical_to_volume: np.ndarray):
+        from spinedet.ingest.dicom import image_planes
+        from spinedet.geometry import slice_normal
+
+        self.instances = [
+            {
+                "sop_instance_uid": f["sop_instance_uid"],
+                "instance_number": int(float(f["instance_number"])) if f["instance_number"] else None,
+                **plane,
+            }
+            for f in files for plane in image_planes(f)
+        ]
+        self.nifti_affine = np.asarray(nifti_affine, dtype=float)
+        self.canonical_to_volume = np.asarray(canonical_to_volume, dtype=float)
+        normal = slice_normal(self.instances[0]["iop"])
+        positions = np.sort([float(np.dot(normal, i["ipp"])) for i in self.instances])
+        gaps = np.diff(positions)
+        # A point belongs to an instance when it lies within half the slice spacing of its plane.
+        self.tolerance_mm = float(gaps[gaps > 0].min() / 2) if np.any(gaps > 0) else 1.0
+
+    def to_dicom(self, slice_index: int, box: list[float]) -> dict | None:
+        """The box on the DICOM instance holding canonical slice `slice_index`, or None."""
+        from spinedet.geometry import voxel_to_pixel
+
+        x_min, y_min, x_max, y_max = box
+        # Canonical voxel axes: 0 = slice, 1 = image row (y), 2 = image column (x); corners as pixel centres.
+        corners = np.array(
+            [[slice_index, y - 0.5, x - 0.5, 1.0] for x in (x_min, x_max) for y in (y_min, y_max)]
+        )
+        volume_voxels = (self.canonical_to_volume @ corners.T).T[:, :3]
+        best, best_offset, best_pixels = None, np.inf, None
+        for instance in self.instances:
+            pixels = voxel_to_pixel(
+                volume_voxels, instance["ipp"], instance["iop"], instance["pixel_spacing"], self.nifti_affine
+            )
+            offset = float(np.abs(pixels[:, 2]).max())
+            if offset < best_offset:
+                best, best_offset, best_pixels = instance, offset, pixels
+        if best is None or best_offset > self.tolerance_mm:
+            return None
+        return {
+            "sop_instance_uid": best["sop_instance_uid"],
+            "instance_number": best["instance_number"],
+            "frame_number": best["frame_number"],
+            "x_min": round(float(best_pixels[:, 0].min()) + 0.5, 3),
+            "y_min": round(float(best_pixels[:, 1].min()) + 0.5, 3),
+            "x_max": round(float(best_pixels[:, 0].max()) + 0.5, 3),
+            "y_max": round(float(best_pixels[:, 1].max()) + 0.5, 3),
+        }
+
+
+# ---------------------------------------------------------------- detection
+
+
+def detect_slices(
+    model, slices: np.ndarray, classes: list[str], device: torch.device, precision: str, score_threshold: float
+) -> list[dict]:
+    """Detections on every uint8 canonical slice (n, H, W), in canonical pixel edges."""
+    engine.set_score_threshold(model, min(float(model.roi_heads.score_thresh), score_threshold))
+    detections = []
+    for slice_index in tqdm(range(len(slices)), desc="predict", unit="slice"):
+        image = torch.from_numpy(slices[slice_index].astype(np.float32) / 255.0)[None]
+        output = engine.infer(model, [image], device, precision)[0]
+        for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist()):
+            if score >= score_threshold:
+                detections.append(
+                    {
+                        "slice_index": slice_index,
+                        "label": classes[label - 1],
+                        "score": round(score, 4),
+                        "box": [round(v, 2) for v in box],
+                    }
+                )
+    return detections
+
+
+def write_overlay(path: Path, pixels: np.ndarray, detections: list[dict], classes: list[str]) -> None:
+    """The slice, enlarged to be readable, with each box and its label and score."""
+    scale = max(1, int(np.ceil(OVERLAY_MIN_SIDE / max(pixels.shape))))
+    image = Image.fromarray(pixels).convert("RGB").resize(
+        (pixels.shape[1] * scale, pixels.shape[0] * scale), Image.Resampling.NEAREST
+    )
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, 4 * scale))
+    for det in detections:
+        colour = CLASS_COLOURS[classes.index(det["label"]) % len(CLASS_COLOURS)]
+        x0, y0, x1, y1 = (v * scale for v in det["box"])
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, scale // 2))
+        draw.text((x0, max(0, y0 - 5 * scale)), f"{det['label']} {det['score']:.2f}", fill=colour, font=font)
+    image.save(path, format="PNG")
+
+
+def predict(
+    config: dict,
+    weights: Path,
+    input_path: Path,
+    out: Path,
+    score_threshold: float = 0.5,
+    threads: int | None = None,
+    model=None,
+    meta: dict | None = None,
+    allow_non_sagittal: bool = False,
+) -> dict:
+    """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`."""
+    from spinedet.detect.models import load_trained
+    from spinedet.detect.models import resolve_device
+
+    input_path, out = Path(input_path), Path(out)
+    if config.get("results") and out.resolve().is_relative_to(Path(config["results"]).resolve()):
+        raise SpinedetError(
+            f"--out {out} lies inside the study's results folder {config['results']}: predictions may "
+            "carry DICOM UIDs, which must never enter results/; choose another folder"
+        )
+    device = resolve_device(config["train"]["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(int(threads or config["train"]["threads"]))
+    if model is None:
+        model, meta = load_trained(weights, device)
+    classes = list(meta["classes"])
+    window = config["slices"]["window_percentiles"]
+
+    with tempfile.TemporaryDirectory(prefix="spinedet-predict-") as tmp:
+        if is_nifti(input_path):
+            kind, locator = "nifti", None
+            affine, volume, slices = prepare_volume(input_path, window)
+            check_input_plane(affine, input_path, allow_non_sagittal)
+        elif input_path.is_dir():
+            kind = "dicom"
+            series, files = read_series(input_path, config["inventory"])
+            if series["orientation"] != "sagittal":
+                message = (f"{input_path}: the series is {series['orientation']}, but the detectors were trained "
+                           "on sagittal slices")
+                if not allow_non_sagittal:
+                    raise SpinedetError(f"{message}. Use the patient's sagittal series, or pass "
+                                        "--allow-non-sagittal to run anyway")
+                log.warning("%s (--allow-non-sagittal: running anyway)", message)
+            # dcm2niix's sidecar carries identity: it lives and dies in the temporary folder.
+            affine, volume, slices = prepare_volume(convert_series(series, files, Path(tmp)), window)
+            locator = InstanceLocator(files, affine, np.linalg.inv(volume.old_to_new))
+        else:
+            raise SpinedetError(f"--input {input_path}: not a DICOM folder nor a .nii/.nii.gz file")
+
+    check_spacing_and_matrix(volume, slices, meta)
+    precision = engine.inference_precision(device, config["train"]["cpu_inference_precision"])
+    detections = detect_slices(model, slices, classes, device, precision, score_threshold)
+    if locator is not None:
+        for det in detections:
+            det["dicom"] = locator.to_dicom(det["slice_index"], det["box"])
+            if det["dicom"] is None:
+                log.warning("slice %d: no DICOM instance lies on this slice; box kept without it", det["slice_index"])
+
+    overlays = out / "overlays"
+    overlays.mkdir(parents=True, exist_ok=True)
+    for stale in overlays.glob("slice-*.png"):
+        stale.unlink()
+    by_slice = defaultdict(list)
+    for det in detections:
+        by_slice[det["slice_index"]].append(det)
+    digits = max(2, len(str(len(slices) - 1)))
+    for index, pixels in enumerate(slices):
+        write_overlay(overlays / f"slice-{index:0{digits}d}.png", pixels, by_slice[index], classes)
+
+    result = {
+        "note": "clinical output: may contain DICOM UIDs of the input; keep it out of results/",
+        "model": {
+            "name": meta.get("model_name"),
+            "arch": meta.get("model_config", {}).get("arch"),
+            "epoch": meta.get("epoch"),
+            "classes": classes,
+        },
+        "score_threshold": score_threshold,
+        "inference_precision": precision,
+        "input": {
+            "kind": kind,
+            "slices": int(len(slices)),
+            "height": int(slices.shape[1]),
+            "width": int(slices.shape[2]),
+            "orientation": CANONICAL_ORIENTATION,
+        },
+        "detections": detections,
+    }
+    write_json(out / "detections.json", result)
+    return result
