@@ -1,13 +1,13 @@
-# The two commands of the README. Both create .venv when it is missing and
-# install the project into it; the install is skipped while pyproject.toml
-# is unchanged.
+# The README's commands. Each creates .venv when it is missing and installs
+# the project into it; the install is skipped while pyproject.toml is
+# unchanged. `make install` does only that (a SLURM login node: no training).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: demo test test-slow smoke lint clean
+.PHONY: install demo test test-slow smoke lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+install: $(STAMP)
+	@echo "installed: source $(VENV)/bin/activate puts snakemake and spinedet on PATH"
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES)
@@ -33,5 +36,5 @@ lint: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
 
 clean:
-	rm -rf results/* restricted .snakemake resources/demo_export resources/smoke_export
+	rm -rf results/* restricted smoke .snakemake resources/demo_export resources/smoke_export
 	touch results/.gitkeep

@@ -42,3 +42,16 @@ def test_invalid_header_values_are_not_echoed_to_the_log(tmp_path):
     assert run.returncode == 0, run.stderr
     assert secret_uid in (tmp_path / "inventory" / "files.csv").read_text()
     assert secret_uid not in run.stdout + run.stderr
+
+
+def test_version_and_verbose_before_or_after_the_verb(capsys):
+    from spinedet import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"spinedet {__version__}"
+    parser = cli.build_parser()  # the verb's own arguments are added when it runs
+    assert parser.parse_args(["-v", "split"]).verbose is True
+    assert parser.parse_args(["split", "-v"]).verbose is True
+    assert parser.parse_args(["split", "--verbose"]).verbose is True
+    assert parser.parse_args(["split"]).verbose is False

@@ -196,6 +196,8 @@ def test_architecture_enum_matches_the_model_registry():
         ({"slices": {"window_percentiles": [99.0, 1.0]}}, "config key 'slices.window_percentiles': low 99.0 must be below high 1.0"),
         ({"resources": {"train": {"gpu_model": "a100 80gb"}}}, "config key 'resources.train.gpu_model'"),
         ({"models": {"vgg16": {"detector_kwargs": {"rpn_post_nms_top_n": 300}}}}, "config key 'models.vgg16.detector_kwargs.rpn_post_nms_top_n': unknown key"),
+        ({"study": {"models": ["resnet50", "vgg19"]}}, "config key 'study.models': vgg19 is not an entry of models: (the entries are resnet50, vgg16)"),
+        ({"study": {"models": []}}, "config key 'study.models'"),
         ({"raw": "elsewhere/DICOM"}, "config key 'raw': with demo.enabled the synthesizer writes resources/demo_export/DICOM"),
     ],
 )
@@ -367,3 +369,39 @@ def test_the_demo_passes_its_export_key_to_deidentify_and_real_data_does_not(tmp
     real = deidentify_command({"demo": {"enabled": False}, "raw": str(raw / "DICOM"),
                                "annotations": str(raw / "annotations.csv"), "cohort": str(raw / "cohort.csv")})
     assert "--key-file" not in real
+
+
+def test_study_models_runs_one_model_through_every_rule(tmp_path):
+    """An override cannot remove an entry of models:, study.models can: one model is trained,
+    evaluated, timed, compared (with nothing to pair) and reported."""
+    with (REPO / "config" / "smoke.yaml").open() as fh:
+        smoke = yaml.safe_load(fh)
+    result = snakemake_dry_run(tmp_path, {**smoke, "study": {"models": ["vgg16"]}}, "-p")
+    assert result.returncode == 0, result.stderr
+    commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()
+                if line.startswith("Shell command: spinedet ")]
+    verbs = [shlex.split(line)[1] for line in commands]
+    assert verbs.count("train") == 1 and verbs.count("evaluate") == 1
+    for line in commands:
+        words = shlex.split(line)
+        assert "resnet50" not in words, line
+        if words[1] in ("train", "evaluate"):
+            assert words[words.index("--model") + 1] == "vgg16"
+        if words[1] in ("speed", "compare", "report"):
+            assert words[words.index("--models") + 1:words.index("--models") + 3][0] == "vgg16"
+            assert words[words.index("--models") + 2].startswith("--")
+
+
+def test_study_models_defaults_to_every_model_in_order():
+    from spinedet.config import study_models
+
+    assert study_models(checked({})) == ["resnet50", "vgg16"]
+    assert study_models(checked({"study": {"models": ["vgg16", "resnet50"]}})) == ["vgg16", "resnet50"]
+
+
+def test_deidentify_by_hand_uses_the_key_the_workflow_uses(tmp_path):
+    from spinedet.config import pseudonym_key_file
+
+    assert pseudonym_key_file(checked({})) == "resources/demo_export/pseudonym.key"
+    assert pseudonym_key_file(checked({"deidentify": {"key_file": "keys/site.key"}})) == "keys/site.key"
+    assert pseudonym_key_file(checked(real_export(tmp_path))) is None

@@ -35,6 +35,7 @@ def write_split(root: Path) -> None:
         (root / "split" / f"{split}.json").write_text(json.dumps(coco))
 
 
+@pytest.mark.slow  # trains both detectors and runs three verbs
 def test_gpu_check_runs_on_the_cpu_and_writes_every_number(tmp_path):
     """The whole device command (gpu_check.sh with QUICK=1): the check's JSON, then the verbs."""
     write_split(tmp_path / "data")

@@ -23,6 +23,9 @@ from phi import collect_phi, scan_tree
 
 from spinedet.io import read_csv
 
+# Each test here runs or reruns the whole smoke study: make test-slow (and CI) runs them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ["resnet50", "vgg16"]
 

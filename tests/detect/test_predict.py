@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from torchvision.models.detection.image_list import ImageList
 
+import spinedet
 from spinedet import SpinedetError
 from spinedet.geometry import pixel_box_to_voxel_box
 from spinedet.ingest.dicom import image_planes, list_files, read_file
-from spinedet.detect.predict import convert_series, predict, read_series
+from spinedet.detect.predict import choose_score_threshold, convert_series, predict, read_series
 from spinedet.dataset.canonical import to_canonical
 from spinedet.dataset.slices import map_box
 from spinedet.demo.synthesize import synthesize
@@ -214,6 +215,27 @@ def test_score_threshold_filters(lesion_study, tmp_path):
     result = predict(CONFIG, None, lesion_study.nifti, tmp_path, score_threshold=0.95, model=model, meta=META)
     assert result["detections"] == []
     assert len(list((tmp_path / "overlays").glob("*.png"))) == lesion_study.n_slices
+
+
+def test_the_threshold_defaults_to_the_studys_operating_point(lesion_study, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"model": "replay", "patient_level": {"score_threshold": 0.962}}))
+    assert choose_score_threshold(None, None) == (0.5, "default")
+    assert choose_score_threshold(None, metrics) == (0.962, "operating point of metrics.json")
+    assert choose_score_threshold(0.3, metrics) == (0.3, "--score-threshold")
+    (tmp_path / "old.json").write_text(json.dumps({"model": "replay"}))
+    with pytest.raises(SpinedetError, match="holds no patient_level.score_threshold"):
+        choose_score_threshold(None, tmp_path / "old.json")
+
+    model = replay_truth(lesion_study.canonical)
+    result = predict(CONFIG, None, lesion_study.nifti, tmp_path / "out", 0.962, model=model, meta=META,
+                     threshold_source="operating point of metrics.json", expected_model="replay")
+    assert result["score_threshold"] == 0.962 and result["score_threshold_source"].startswith("operating point")
+    saved = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert saved["spinedet_version"] == spinedet.__version__
+    with pytest.raises(SpinedetError, match="--metrics evaluates model vgg16, but --weights"):
+        predict(CONFIG, None, lesion_study.nifti, tmp_path / "out2", 0.9, model=model, meta=META,
+                expected_model="vgg16")
 
 
 def test_input_that_is_neither_dicom_nor_nifti(tmp_path):

@@ -252,6 +252,7 @@ def test_validation_ap50_perfect_missing_and_empty():
 # ---------------------------------------------------------------- optimisation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cfg", [RESNET, VGG], ids=["resnet50", "vgg16"])
 def test_overfits_one_slice(blobs, model_cfg):
     """On one fixed slice with two lesions the training loss falls by more than half."""

@@ -59,3 +59,13 @@ def test_compare_refuses_models_and_detections_that_do_not_pair_up(tmp_path, cap
     test, detections = write_study(tmp_path)
     assert run_compare(tmp_path, ["finder", "blind"], [detections["finder"]], test) == 2
     assert "2 --models but 1 --detections" in caplog.text
+
+
+def test_one_model_has_nothing_to_pair(tmp_path, caplog):
+    test, detections = write_study(tmp_path)
+    with caplog.at_level("INFO"):
+        assert run_compare(tmp_path, ["finder"], [detections["finder"]], test) == 0
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["pairs"] == []
+    assert comparison["note"] == "One model in this study (finder): nothing to pair."
+    assert "nothing to pair" in caplog.text

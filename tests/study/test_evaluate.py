@@ -207,12 +207,25 @@ def test_shared_machine_judges_the_load_at_the_end_against_the_process_own_cpus(
 
 
 def test_machine_load_records_cpu_and_wall_time():
-    with timing.MachineLoad() as load:
-        sum(i * i for i in range(200_000))
+    with timing.MachineLoad() as load:  # long enough (~0.2 s) for the millisecond rounding not to matter
+        sum(i * i for i in range(3_000_000))
     record = load.record
     assert record["wall_s"] > 0 and 0 <= record["process_cpu_s"]
     assert record["process_cpus_busy"] == pytest.approx(record["process_cpu_s"] / record["wall_s"], rel=0.05, abs=0.01)
     assert set(record) >= {"load_average_1min_before", "load_average_1min_after", "logical_cpus", "shared"}
+
+
+def test_cpu_features_name_the_instruction_sets_that_pick_the_kernels(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    assert timing.cpu_features(cpuinfo) == "AVX2, AVX-512, AVX512-BF16"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert timing.cpu_features(cpuinfo) == "AVX2"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2\n")
+    assert timing.cpu_features(cpuinfo) == "none of AVX2, AVX-512, AVX512-BF16, AMX"
+    assert timing.cpu_features(tmp_path / "missing") == "unknown"
+    assert "hardware" in timing.environment(torch.device("cpu")) and timing.environment(
+        torch.device("cpu"))["hardware"]["cpu_features"]
 
 
 def test_cpu_model_from_cpuinfo(tmp_path):

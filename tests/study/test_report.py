@@ -81,7 +81,9 @@ def fixture_timing(model: str, median: float, shared: bool = False) -> dict:
                             "shared": shared}},
                        {"batch_size": 4, "images_per_s": 1.3 / median, "seconds_per_image": median / 1.3}],
         "hardware": {"cpu": "Test CPU 3000", "logical_cpus": 2, "torch_threads": 2, "device": "cpu", "gpu": None,
-                     "gpu_memory_gib": None},
+                     "gpu_memory_gib": None,
+                     # timing files from before cpu_features existed still make a report
+                     **({"cpu_features": "AVX2, AVX-512, AVX512-BF16"} if model == "resnet50" else {})},
         "software": {"python": "3.11", "platform": "Linux", "torch": "2.x", "torchvision": "0.x", "cuda": None,
                      "cudnn": None, "numpy": "2.x"},
     }
@@ -525,3 +527,25 @@ def test_cross_validation_table_when_there_are_folds(tmp_path):
     assert [c.strip() for c in rows[2]] == ["vgg16", "2", "50.0 ± 5.0", "40.0 ± 10.0", "n/a", "55.0", "50.0", "n/a"]
     markdown = (out / "report.md").read_text()
     assert "| resnet50 | 2 | 75.0 ± 10.0 | 70.0 ± 20.0 | 80.0 | 81.0 | 79.0 | 83.0 |\n" in markdown
+
+
+def test_a_study_of_one_model_reports_it_and_says_there_is_nothing_to_pair(tmp_path):
+    results = tmp_path / "results"
+    write_results(results)
+    comparison = json.loads((results / "report" / "comparison.json").read_text())
+    (results / "report" / "comparison.json").write_text(json.dumps(
+        {**comparison, "pairs": [], "note": "One model in this study (resnet50): nothing to pair."}))
+    context = report.build_report(load([REPO / "config.yaml"]), inputs_under(results, ["resnet50"]),
+                                  tmp_path / "out")
+    assert [row["model"] for row in context["rows"]] == ["resnet50"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "One model in this study (resnet50): nothing to pair." in markdown
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="no-pairs"' in html and "vgg16" not in (tmp_path / "out" / "summary.csv").read_text()
+
+
+def test_report_names_the_cpus_instruction_sets(rendered):
+    markdown = (rendered / "report.md").read_text()
+    assert "CPU Test CPU 3000 (AVX2, AVX-512, AVX512-BF16; 2 logical" in markdown
+    assert "CPU Test CPU 3000 (2 logical" in markdown  # a timing file without them
+    assert "Test CPU 3000\n    (AVX2, AVX-512, AVX512-BF16; 2 logical" in (rendered / "report.html").read_text()

@@ -1,9 +1,12 @@
 import json
 from pathlib import Path
 
+from spinedet.config import pseudonym_key_file, study_models
+
 RESULTS = config["results"]
 RESTRICTED = config["restricted"]
-MODELS = list(config["models"])
+# study.models, else every entry of models:
+MODELS = study_models(config)
 # split.folds >= 2: each model is also trained once per cross-validation fold
 FOLDS = list(range(config["split"]["folds"]))
 
@@ -36,12 +39,9 @@ def verb_config(*sections, models=None):
     return json.dumps(chosen, sort_keys=True)
 
 
-# The pseudonym key: the configured file; with the demo, the synthetic export's
-# own key (derived from demo.seed, so a fresh clone gets the same pseudonyms and
-# split); else none, and deidentify creates restricted/pseudonym.key once.
-PSEUDONYM_KEY = config["deidentify"]["key_file"] or (
-    f"{config['demo']['out']}/pseudonym.key" if config["demo"]["enabled"] else None
-)
+# The pseudonym key (spinedet.config.pseudonym_key_file): the configured file,
+# the demo export's own key, else none (deidentify makes restricted/pseudonym.key once).
+PSEUDONYM_KEY = pseudonym_key_file(config)
 
 # Rules that read PHI run on the submitting host, never on compute nodes.
 localrules:

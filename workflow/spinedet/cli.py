@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from spinedet import SpinedetError, configure_logging
+from spinedet import SpinedetError, __version__, configure_logging
 
 # verb: (module, one-line help). Each module lives in the wing of the DAG it belongs to.
 STAGES = {
@@ -43,10 +43,14 @@ def stage_module(stage: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinedet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"spinedet {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (_, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         stage_parser.set_defaults(_module=stage_module(name))
+        # -v after the verb too; SUPPRESS keeps a -v given before it
+        stage_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                  help="debug logging")
         # Arguments are added lazily (see main) so --help stays fast.
         stage_parser.set_defaults(_lazy=True)
     return parser

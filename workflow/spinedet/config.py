@@ -102,3 +102,22 @@ def model_norm(model_cfg: dict) -> str:
     if norm not in NORMS:
         raise SpinedetError(f"models.*.norm: {norm!r} is not one of {', '.join(NORMS)}")
     return norm
+
+
+def study_models(config: dict) -> list[str]:
+    """The models this study runs, in table order: `study.models`, else every entry of `models:`."""
+    return list(config["study"]["models"] or config["models"])
+
+
+def pseudonym_key_file(config: dict) -> str | None:
+    """The pseudonym key a study uses: `deidentify.key_file`; with the demo, the synthetic
+    export's own key (derived from demo.seed, so a fresh clone gets the same pseudonyms and
+    split); else None, and deidentify creates restricted/pseudonym.key once. The workflow
+    and a by-hand `spinedet deidentify` choose it here, so both give the same pseudonyms."""
+    configured = config.get("deidentify", {}).get("key_file")
+    if configured:
+        return str(configured)
+    demo = config.get("demo", {})
+    if demo.get("enabled"):
+        return f"{demo['out']}/pseudonym.key"
+    return None

@@ -171,6 +171,17 @@ def check_semantics(config: dict, architectures: list[str], *, check_paths: bool
         )
     for name, model in config["models"].items():
         _check_model(name, model, architectures, check_paths=check_paths)
+    _check_study_models(config)
+
+
+def _check_study_models(config: dict) -> None:
+    chosen = config["study"]["models"] or []
+    unknown = [name for name in chosen if name not in config["models"]]
+    if unknown:
+        raise SpinedetError(
+            f"config key 'study.models': {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not an "
+            f"entry of models: (the entries are {', '.join(config['models'])})"
+        )
 
 
 def _check_split(split: dict) -> None:

@@ -34,9 +34,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from spinedet import SpinedetError
+from spinedet import SpinedetError, __version__
 from spinedet.detect import engine
-from spinedet.io import write_json
+from spinedet.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ CANONICAL_ORIENTATION = (
 )
 CLASS_COLOURS = [(255, 64, 64), (64, 192, 255), (255, 208, 64), (128, 255, 128)]
 OVERLAY_MIN_SIDE = 512
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, type=Path, help="output folder (detections.json, overlays/); may hold UIDs"
     )
     parser.add_argument(
-        "--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (default 0.5)"
-    )
+        "--metrics", type=Path, default=None,
+        help="the study's eval/MODEL/metrics.json: keep detections at the patient-level operating point "
+             "chosen on the validation split (its patient_level.score_threshold)")
+    parser.add_argument(
+        "--score-threshold", type=float, default=None,
+        help=f"keep detections scoring at least this (default: the operating point of --metrics, "
+             f"else {DEFAULT_SCORE_THRESHOLD})")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: config train.threads)")
     parser.add_argument("--allow-non-sagittal", action="store_true",
                         help="run on a volume acquired axially or coronally (refused by default: the detectors "
@@ -78,10 +84,27 @@ def run(args: argparse.Namespace) -> int:
     from spinedet.config import load
 
     config = load(args.config)
-    result = predict(config, args.weights, args.input, args.out, args.score_threshold, args.threads,
-                     allow_non_sagittal=args.allow_non_sagittal)
+    threshold, source = choose_score_threshold(args.score_threshold, args.metrics)
+    log.info("score threshold %.3f (%s)", threshold, source)
+    result = predict(config, args.weights, args.input, args.out, threshold, args.threads,
+                     allow_non_sagittal=args.allow_non_sagittal, threshold_source=source,
+                     expected_model=None if args.metrics is None else read_json(args.metrics).get("model"))
     log.info("%d detections on %d slices; see %s", len(result["detections"]), result["input"]["slices"], args.out)
     return 0
+
+
+def choose_score_threshold(given: float | None, metrics_path: Path | None) -> tuple[float, str]:
+    """The score threshold and where it came from: --score-threshold, else the patient-level
+    operating point in the study's metrics.json, else the default."""
+    if given is not None:
+        return float(given), "--score-threshold"
+    if metrics_path is None:
+        return DEFAULT_SCORE_THRESHOLD, "default"
+    threshold = read_json(metrics_path).get("patient_level", {}).get("score_threshold")
+    if threshold is None:
+        raise SpinedetError(f"--metrics {metrics_path} holds no patient_level.score_threshold (an evaluation "
+                            "without a validation operating point): pass --score-threshold")
+    return float(threshold), f"operating point of {Path(metrics_path).name}"
 
 
 # ---------------------------------------------------------------- input
@@ -313,8 +336,11 @@ def predict(
     model=None,
     meta: dict | None = None,
     allow_non_sagittal: bool = False,
+    threshold_source: str = "given",
+    expected_model: str | None = None,
 ) -> dict:
-    """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`."""
+    """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`.
+    `expected_model`: the model the threshold's metrics.json evaluated, which the weights must be."""
     from spinedet.detect.models import load_trained
     from spinedet.detect.models import resolve_device
 
@@ -330,6 +356,9 @@ def predict(
     if model is None:
         model, meta = load_trained(weights, device)
     classes = list(meta["classes"])
+    if expected_model is not None and meta.get("model_name") != expected_model:
+        raise SpinedetError(f"--metrics evaluates model {expected_model}, but --weights {weights} are "
+                            f"{meta.get('model_name')}: pass the metrics.json of the same model")
     window = config["slices"]["window_percentiles"]
 
     with tempfile.TemporaryDirectory(prefix="spinedet-predict-") as tmp:
@@ -375,6 +404,7 @@ def predict(
 
     result = {
         "note": "clinical output: may contain DICOM UIDs of the input; keep it out of results/",
+        "spinedet_version": __version__,
         "model": {
             "name": meta.get("model_name"),
             "arch": meta.get("model_config", {}).get("arch"),
@@ -382,6 +412,7 @@ def predict(
             "classes": classes,
         },
         "score_threshold": score_threshold,
+        "score_threshold_source": threshold_source,
         "inference_precision": precision,
         "input": {
             "kind": kind,

@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, type=Path, help="annotations.csv (DICOM pixel boxes)")
     parser.add_argument("--restricted", required=True, type=Path, help="restricted folder (key, key table)")
     parser.add_argument("--key-file", type=Path, default=None,
-                        help="HMAC key file (hex); default: config deidentify.key_file, else restricted/pseudonym.key")
+                        help="HMAC key file (hex); default: the workflow's key (config deidentify.key_file; "
+                             "with the demo, the export's pseudonym.key; else restricted/pseudonym.key)")
     parser.add_argument("--out", required=True, type=Path, help="de-identified output folder")
 
 
@@ -442,13 +443,13 @@ def deidentify(conversions: list[dict], file_rows: list[dict], selection: list[d
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinedet.config import load
+    from spinedet.config import load, pseudonym_key_file
 
     config = load(args.config)
     if Path(args.restricted).resolve().is_relative_to(Path(args.out).resolve()):
         raise SpinedetError(f"the restricted folder {args.restricted} lies inside --out {args.out}: "
                             "the key would leave restricted/")
-    key = load_or_create_key(args.restricted, args.key_file or config["deidentify"]["key_file"])
+    key = load_or_create_key(args.restricted, args.key_file or pseudonym_key_file(config))
     counts = deidentify(
         conversions=read_csv(args.conversions),
         file_rows=read_csv(args.files),

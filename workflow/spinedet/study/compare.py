@@ -58,7 +58,11 @@ def compare(config: dict, test_coco: dict, detections: dict[str, list[dict]]) ->
         pairs.append({"a": a, "b": b, **result})
         log.info("%s minus %s: delta AP50 %s, 95 %% CI %s, p %s", a, b, result["delta"], result["ci95"],
                  result["p_value"])
-    return {"pairs": pairs, "class_counts": metrics_lib.class_counts(first, images_by_patient), "method": METHOD}
+    body = {"pairs": pairs, "class_counts": metrics_lib.class_counts(first, images_by_patient), "method": METHOD}
+    if not pairs:
+        body["note"] = f"One model in this study ({', '.join(detections)}): nothing to pair."
+        log.info("%s", body["note"])
+    return body
 
 
 def run(args: argparse.Namespace) -> int:

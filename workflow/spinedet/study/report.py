@@ -272,6 +272,7 @@ def build_report(config: dict, inputs: ReportInputs, out: Path) -> dict:
         "cv": cv_rows(inputs.cv_summary, classes),
         "methods": methods_paragraph(config, cohort, test_facts, models, rows, paired),
         "comparison_method": comparison.get("method", ""),
+        "comparison_note": comparison.get("note", ""),
         "figures": figures,
         "evaluation": {
             "froc_iou": first["froc"]["iou_threshold"],

@@ -108,6 +108,28 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# /proc/cpuinfo flags that decide how fast (and, trained from scratch, with which
+# numbers) the CPU runs: oneDNN picks its kernels by them.
+CPU_FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX"}
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vector instruction sets that matter here, e.g. 'AVX2, AVX-512, AVX512-BF16';
+    'unknown' where /proc/cpuinfo is not readable, 'none of AVX2, ...' where it lists none."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "unknown"
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+            break
+    found = [name for flag, name in CPU_FEATURES.items() if flag in flags]
+    return ", ".join(found) if found else "none of " + ", ".join(CPU_FEATURES.values())
+
+
 def package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -121,6 +143,7 @@ def environment(device: torch.device) -> dict:
     return {
         "hardware": {
             "cpu": cpu_model(),
+            "cpu_features": cpu_features(),
             "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "device": device.type,
