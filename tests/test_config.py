@@ -405,3 +405,28 @@ def test_deidentify_by_hand_uses_the_key_the_workflow_uses(tmp_path):
     assert pseudonym_key_file(checked({})) == "resources/demo_export/pseudonym.key"
     assert pseudonym_key_file(checked({"deidentify": {"key_file": "keys/site.key"}})) == "keys/site.key"
     assert pseudonym_key_file(checked(real_export(tmp_path))) is None
+
+
+def test_the_real_study_override_marks_what_to_set_and_dry_runs_on_a_real_export(tmp_path):
+    """config/real-study.yaml: the keys a user must set are marked SET, unedited it stops on
+    the first placeholder path, and with real paths the DAG has no demo and the real recipe."""
+    real_study = REPO / "config" / "real-study.yaml"
+    to_set = {line.split(":")[0].strip() for line in real_study.read_text().splitlines() if "# SET" in line}
+    assert to_set == {"enabled", "raw", "annotations", "cohort"}
+    with pytest.raises(SpinedetError, match="config key 'raw': folder not found: /path/to/export/DICOM"):
+        check_config(deep_merge(load([REPO / "config.yaml"]), yaml.safe_load(real_study.read_text())),
+                     SCHEMA_PATH, check_paths=True)
+
+    paths = tmp_path / "paths.yaml"
+    paths.write_text(yaml.safe_dump({key: value for key, value in real_export(tmp_path).items() if key != "demo"}))
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-n", "-p", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+         "--configfile", str(REPO / "config.yaml"), str(real_study), str(paths)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "synthesize" not in result.stdout and "localrules directive" not in result.stdout + result.stderr
+    train = next(line.removeprefix("Shell command: ") for line in result.stdout.splitlines()
+                 if line.startswith("Shell command: spinedet train") and "--model resnet50" in line)
+    recipe = inline_config(train)["models"]["resnet50"]
+    assert recipe["pretrained"] == "imagenet" and recipe["crop_size"] is None and recipe["lr"] == 0.005
+    assert recipe["anchor_sizes"][0] == [16] and recipe["sampler"] == "uniform"

@@ -43,9 +43,9 @@ def verb_config(*sections, models=None):
 # the demo export's own key, else none (deidentify makes restricted/pseudonym.key once).
 PSEUDONYM_KEY = pseudonym_key_file(config)
 
-# Rules that read PHI run on the submitting host, never on compute nodes.
+# Rules that read PHI run on the submitting host, never on compute nodes
+# (synthesize too, with `localrule: True` in its own file: it exists only with the demo).
 localrules:
-    synthesize,
     inventory,
     convert,
     deidentify,

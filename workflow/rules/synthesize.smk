@@ -1,6 +1,7 @@
 if config["demo"]["enabled"]:
 
     rule synthesize:
+        localrule: True
         output:
             dicom=directory(config["raw"]),
             annotations=config["annotations"],
