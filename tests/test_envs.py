@@ -44,11 +44,20 @@ def rule_envs_and_verbs() -> dict[str, tuple[str, str]]:
     return found
 
 
+def module_source(module: str) -> Path | None:
+    """The source file of a dotted spinedet module (spinedet.study.report), package or module."""
+    base = REPO / "workflow" / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def third_party_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """Top-level third-party imports of spinedet.<module> and the spinedet modules it imports."""
+    """Top-level third-party imports of a spinedet module (dotted) and the spinedet modules it imports."""
     seen = set() if seen is None else seen
-    source = REPO / "workflow" / "spinedet" / f"{module}.py"
-    if module in seen or not source.is_file():
+    source = module_source(module)
+    if module in seen or source is None:
         return set()
     seen.add(module)
     found = set()
@@ -62,11 +71,16 @@ def third_party_imports(module: str, seen: set[str] | None = None) -> set[str]:
         for name in names:
             parts = name.split(".")
             if parts[0] == "spinedet":
-                if len(parts) > 1:
-                    found |= third_party_imports(parts[1], seen)
+                found |= third_party_imports(name, seen)
             elif parts[0] not in sys.stdlib_module_names:
                 found.add(parts[0])
     return found
+
+
+def test_the_import_walk_follows_the_wings():
+    assert module_source("spinedet.study.report") == REPO / "workflow" / "spinedet" / "study" / "report.py"
+    assert {"jinja2", "matplotlib", "yaml"} <= third_party_imports("spinedet.study.report")
+    assert "torch" in third_party_imports("spinedet.study.evaluate")  # through spinedet.detect.engine
 
 
 def test_every_rule_env_exists_with_its_post_deploy_script():
@@ -91,7 +105,10 @@ def test_each_rule_env_provides_what_its_verb_imports():
     missing = {}
     for rule, (env, verb) in rule_envs_and_verbs().items():
         pins = env_pins(ENVS / f"{env}.yaml")
-        needed = {CONDA_NAME.get(name, name) for name in third_party_imports(verb) | third_party_imports("cli")}
+        from spinedet.cli import stage_module
+
+        needed = {CONDA_NAME.get(name, name)
+                  for name in third_party_imports(stage_module(verb)) | third_party_imports("spinedet.cli")}
         if needed - set(pins):
             missing[f"{rule} ({env}.yaml)"] = sorted(needed - set(pins))
     assert missing == {}
