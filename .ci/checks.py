@@ -32,6 +32,7 @@ TIMING_COLUMN = re.compile(r"(timing|second|sec\b|_s$|_ms$|time|latency|throughp
 # Files that must be byte-identical between two runs of the same config.
 IDENTICAL_FILES = [
     "inventory/summary.json",
+    "annotations/summary.json",
     "deid/participants.csv",
     "deid/annotation_issues.csv",
     "deid/sub-*/sub-*_boxes.json",

@@ -316,8 +316,9 @@ def test_each_verb_gets_exactly_its_config_sections_and_parsing_writes_nothing(t
             key = words[1] + (f"[{words[words.index('--model') + 1]}]" if "--model" in words else "")
             commands[key] = inline_config(line)
     assert {name: sorted(config) for name, config in commands.items()} == {
-        "synthesize": ["classes", "groups"],
+        "synthesize": ["annotation_import", "classes", "groups"],
         "inventory": ["groups", "inventory"],
+        "annotations": ["annotation_import", "classes"],
         "convert": [],
         "deidentify": ["classes", "deidentify"],
         "slices": ["classes", "slices"],

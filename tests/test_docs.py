@@ -231,6 +231,21 @@ def returned_strings(path: Path, function: str) -> set[str]:
             if isinstance(node, ast.Return) and isinstance(node.value, ast.Constant) and node.value.value}
 
 
+def import_issue_codes() -> set[str]:
+    """Codes the annotation importers give: ImportIssue(source, ref, reason, ...), an
+    _Unusable(reason, ...) region, or a row's "reason" value, in ingest/annotations/."""
+    found = set()
+    for path in sorted((PACKAGE / "ingest" / "annotations").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                position = {"ImportIssue": 2, "_Unusable": 0}.get(name)
+                if position is not None and len(node.args) > position and isinstance(node.args[position], ast.Constant):
+                    found.add(node.args[position].value)
+        found |= keyword_values(path, "reason")
+    return {code for code in found if isinstance(code, str) and code}
+
+
 def reason_codes() -> dict[str, set[str]]:
     """Every code the pipeline writes into a table a person reads to find a lost item."""
     from spinedet.ingest.quarantine import REASONS
@@ -242,6 +257,7 @@ def reason_codes() -> dict[str, set[str]]:
         "conversions.csv": keyword_values(PACKAGE / "ingest" / "convert.py", "status"),
         "annotation_issues.csv": string_args(PACKAGE / "ingest" / "deidentify.py", "AnnotationIssue"),
         "dropped_boxes.csv": returned_strings(slices, "drop_reason") | {"outside_window"},
+        "import_issues.csv": import_issue_codes(),
     }
 
 
@@ -253,6 +269,8 @@ def test_every_reason_code_is_in_the_readmes_table():
     assert codes["files.csv"] >= {"duplicate", "not_a_file", "link_loop"}
     assert codes["annotation_issues.csv"] >= {"unknown_instance", "outside_image"}
     assert codes["selection.csv"] >= {"selected", "no_target_series", "no_files"}
+    assert codes["import_issues.csv"] >= {"unknown_finding", "unsupported_graphic", "references_unknown_instance",
+                                          "empty_segment", "not_in_cohort", "duplicate"}
     assert "outside_window" in (PACKAGE / "dataset" / "slices.py").read_text()
     missing = {table: sorted(found - listed) for table, found in codes.items() if found - listed}
     assert not missing, missing

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -149,13 +150,14 @@ def test_every_fault_of_the_corpus_ends_where_it_should(smoke_study):
     """The smoke export carries the fault corpus (config/smoke.yaml demo.faults):
     each case is quarantined with its reason, or processed where it can be."""
     faults = read_csv(smoke_study / "export" / "faults.csv")
-    assert {f["kind"] for f in faults} == {"file", "patient", "annotation"} and len(faults) >= 30
+    assert {f["kind"] for f in faults} == {"file", "patient", "annotation", "object"} and len(faults) >= 30
     raw = smoke_study / "export" / "DICOM"
     restricted = smoke_study / "restricted"
     files = {row["path"]: row for row in read_csv(restricted / "inventory" / "files.csv")}
     selection = {row["patient_id"]: row for row in read_csv(restricted / "inventory" / "selection.csv")}
     conversions = {row["patient_id"]: row for row in read_csv(restricted / "convert" / "conversions.csv")}
     issues = {row["row"]: row for row in read_csv(smoke_study / "results" / "deid" / "annotation_issues.csv")}
+    import_issues = read_csv(restricted / "annotations" / "import_issues.csv")
     wrong = []
     for fault in faults:
         expected = (fault["expect_status"], fault["expect_reason"])
@@ -164,6 +166,11 @@ def test_every_fault_of_the_corpus_ends_where_it_should(smoke_study):
             found = (row.get("status"), row.get("reason"))
         elif fault["kind"] == "annotation":
             found = ("issue", issues.get(fault["where"], {}).get("reason"))
+        elif fault["kind"] == "object":  # ok in files.csv, every region or segment listed with the reason
+            row = files.get((raw / fault["where"]).as_posix(), {})
+            reasons = {issue["reason"] for issue in import_issues
+                       if row.get("sop_instance_uid") and issue["source_ref"].startswith(row["sop_instance_uid"])}
+            found = ("issue", reasons.pop() if row.get("status") == "ok" and len(reasons) == 1 else reasons)
         else:
             row = selection.get(fault["where"], {})
             found = (row.get("status"), fault["expect_reason"] if fault["expect_reason"] in row.get("reason", "")
@@ -256,3 +263,52 @@ def test_cross_validation_with_two_folds_end_to_end(smoke_study, tmp_path):
     assert all(row["folds"] == "2" and row["ap50_mean"] != "" for row in summary)
     assert json.loads((results / "report" / "cv_ensemble.json").read_text())["models"].keys() == set(MODELS)
     assert 'id="cv"' in (results / "report" / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def format_studies(smoke_study, tmp_path_factory) -> dict[str, Path]:
+    """The smoke study (demo.annotation_format: mixed) run again with the boxes handed over
+    in one form each: the sheet, TID 1500 SRs, SEGs."""
+    studies = {}
+    for form in ("csv", "sr", "seg"):
+        workdir = tmp_path_factory.mktemp(f"format_{form}") / "study"
+        copy_study(smoke_study, workdir, {"demo": {"out": str(workdir / "export"), "annotation_format": form}})
+        run = snakemake(workdir)
+        assert run.returncode == 0, run.stderr[-5000:]
+        studies[form] = workdir
+    return studies
+
+
+def test_each_annotation_form_runs_to_the_report(smoke_study, format_studies):
+    fault_lines = sum(1 for f in read_csv(smoke_study / "export" / "faults.csv") if f["kind"] == "annotation")
+    for form, workdir in {"mixed": smoke_study, **format_studies}.items():
+        assert (workdir / "results" / "report" / "report.html").is_file(), form
+        boxes = json.loads((workdir / "results" / "annotations" / "summary.json").read_text())["boxes_by_source"]
+        if form == "mixed":
+            assert all(count > 0 for count in boxes.values()), boxes
+        else:
+            others = {source: count for source, count in boxes.items() if source != form}
+            # the fault corpus' bad sheet lines are in the sheet whatever the form
+            assert boxes[form] > fault_lines and others == {s: (fault_lines if s == "csv" else 0) for s in others}, boxes
+
+
+def split_boxes(results: Path) -> dict[tuple, list[list[float]]]:
+    found: dict[tuple, list[list[float]]] = {}
+    for split in ("train", "val", "test"):
+        coco = json.loads((results / "split" / f"{split}.json").read_text())
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        for ann in coco["annotations"]:
+            found.setdefault((split, names[ann["image_id"]], ann["category_id"]), []).append(ann["bbox"])
+    return {key: sorted(boxes) for key, boxes in found.items()}
+
+
+def test_boxes_from_measurement_reports_equal_those_from_the_sheet(format_studies):
+    """The same phantom boxes, once as annotations.csv and once as OHIF-style SR rectangles:
+    the training, validation and test COCO boxes agree to 0.5 px."""
+    from_sheet = split_boxes(format_studies["csv"] / "results")
+    from_reports = split_boxes(format_studies["sr"] / "results")
+    assert from_sheet.keys() == from_reports.keys() and from_sheet
+    for key, boxes in from_sheet.items():
+        assert len(boxes) == len(from_reports[key]), key
+        for a, b in zip(boxes, from_reports[key]):
+            assert np.allclose(a, b, atol=0.5), (key, a, b)

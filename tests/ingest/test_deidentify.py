@@ -27,16 +27,17 @@ from spinedet.ingest.deidentify import (
     load_or_create_key,
     pseudonym,
     pseudonymise,
-    read_annotations,
     scrubbed_nifti_bytes,
     scrubbed_sidecar,
     subject_paths,
 )
+from spinedet.ingest.annotations.sheet import read_annotations
 from spinedet.ingest.inventory import inventory
 from spinedet.demo.dicom_writer import write_series
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config.yaml"
+REAL_EXPORT = '{"demo": {"enabled": false}}'  # deidentify makes its own key in restricted/
 SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 PHI_HEADER = {"PatientName": "Doe^Jane", "PatientBirthDate": "19700101", "StudyDate": "20190312",
@@ -313,7 +314,7 @@ def cli_ingest(work, raw, cohort, annotations):
                  "--out", str(inv), "--summary", str(results / "inventory" / "summary.json")]) == 0
     assert main(["convert", "--config", str(CONFIG), "--series", str(inv / "series.csv"),
                  "--selection", str(inv / "selection.csv"), "--out", str(restricted / "convert")]) == 0
-    assert main(["deidentify", "--config", str(CONFIG),
+    assert main(["deidentify", "--config", str(CONFIG), REAL_EXPORT,
                  "--conversions", str(restricted / "convert" / "conversions.csv"),
                  "--files", str(inv / "files.csv"), "--selection", str(inv / "selection.csv"),
                  "--annotations", str(annotations), "--restricted", str(restricted),
@@ -353,7 +354,7 @@ def test_hostile_patient_ids_cannot_steer_paths_and_reruns_are_identical(tmp_pat
     assert stat.S_IMODE((restricted / "pseudonym.key").stat().st_mode) == 0o600
 
     first_results, first_pseudonyms = tree_digest(out), (restricted / "pseudonyms.csv").read_text()
-    assert main(["deidentify", "--config", str(CONFIG),
+    assert main(["deidentify", "--config", str(CONFIG), REAL_EXPORT,
                  "--conversions", str(restricted / "convert" / "conversions.csv"),
                  "--files", str(restricted / "inventory" / "files.csv"),
                  "--selection", str(restricted / "inventory" / "selection.csv"),
@@ -366,7 +367,7 @@ def test_hostile_patient_ids_cannot_steer_paths_and_reruns_are_identical(tmp_pat
 def test_restricted_inside_the_output_is_refused(tmp_path):
     for name in ("conversions.csv", "files.csv", "selection.csv", "annotations.csv"):
         (tmp_path / name).write_text("x\n")
-    code = main(["deidentify", "--config", str(CONFIG), "--conversions", str(tmp_path / "conversions.csv"),
+    code = main(["deidentify", "--config", str(CONFIG), REAL_EXPORT, "--conversions", str(tmp_path / "conversions.csv"),
                  "--files", str(tmp_path / "files.csv"), "--selection", str(tmp_path / "selection.csv"),
                  "--annotations", str(tmp_path / "annotations.csv"),
                  "--restricted", str(tmp_path / "out" / "restricted"), "--out", str(tmp_path / "out")])

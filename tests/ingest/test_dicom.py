@@ -40,7 +40,7 @@ def test_the_pydicom_test_files_are_found():
 def test_every_pydicom_test_file_is_ok_or_quarantined_with_its_reason(path):
     row = read_file(path)
     assert row["status"] in ("ok", "quarantined")
-    assert row["kind"] in ("image", "dicomdir", "other")
+    assert row["kind"] in ("image", "dicomdir", "sr", "seg", "other")
     if row["status"] == "quarantined":
         assert row["reason"] in REASONS
         assert len(row["detail"].split()) >= 4, row["detail"]  # a sentence, not a code
@@ -90,7 +90,7 @@ def test_orientation_of_the_dicomdir_mr_images(name, orientation):
 
 @pytest.mark.parametrize(("name", "status", "kind", "reason"), [
     ("CT_small.dcm", "quarantined", "image", "unsupported_sop_class"),
-    ("test-SR.dcm", "quarantined", "image", "unsupported_sop_class"),
+    ("test-SR.dcm", "quarantined", "sr", "sr_not_measurement_report"),  # Comprehensive SR, no TID 1500
     ("reportsi.dcm", "quarantined", "image", "unsupported_sop_class"),
     ("rtplan.dcm", "quarantined", "image", "unsupported_sop_class"),
     ("waveform_ecg.dcm", "quarantined", "image", "unsupported_sop_class"),

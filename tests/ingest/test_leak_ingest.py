@@ -29,6 +29,9 @@ from spinedet.demo.dicom_writer import write_series
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config.yaml"
+# The export is treated as a real one: its own key is made in restricted/ (the demo's
+# config would hand deidentify the synthetic export's key).
+REAL_EXPORT = '{"demo": {"enabled": false}}'
 OUTSIDER = {"PatientID": "99990099", "PatientName": "Outsider^Olga", "PatientBirthDate": "19551123",
             "StudyDate": "20180704", "StudyTime": "134501", "InstitutionName": "Elsewhere Imaging Centre",
             "AccessionNumber": "ACC77665544"}
@@ -36,7 +39,7 @@ OUTSIDER = {"PatientID": "99990099", "PatientName": "Outsider^Olga", "PatientBir
 
 def spinedet(verb, log, *args):
     with log.open("w") as fh:
-        completed = subprocess.run([sys.executable, "-m", "spinedet.cli", verb, "--config", str(CONFIG), *args],
+        completed = subprocess.run([sys.executable, "-m", "spinedet.cli", verb, "--config", str(CONFIG), REAL_EXPORT, *args],
                                    stdout=fh, stderr=subprocess.STDOUT, check=False)
     assert completed.returncode == 0, log.read_text()[-3000:]
 

@@ -47,6 +47,7 @@ PSEUDONYM_KEY = pseudonym_key_file(config)
 # (synthesize too, with `localrule: True` in its own file: it exists only with the demo).
 localrules:
     inventory,
+    annotations,
     convert,
     deidentify,
 

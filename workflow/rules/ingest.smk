@@ -27,6 +27,34 @@ rule inventory:
         " --summary {output.summary} > {log} 2>&1"
 
 
+rule annotations:
+    input:
+        files=rules.inventory.output.files,
+        cohort=config["cohort"],
+        # the SR and SEG objects are read where files.csv found them, in the export
+        raw=config["raw"],
+        sheet=config["annotations"] or [],
+    output:
+        table=f"{RESTRICTED}/annotations/annotations.csv",
+        issues=f"{RESTRICTED}/annotations/import_issues.csv",
+        summary=f"{RESULTS}/annotations/summary.json",
+    log:
+        f"{LOGS}/annotations.log",
+    benchmark:
+        f"{BENCH}/annotations.tsv"
+    params:
+        # the config sections the verb reads (a change reruns the rule)
+        config=verb_config("annotation_import", "classes"),
+        out=lambda wildcards, output: Path(output.table).parent,
+        sheet=lambda wildcards, input: f"--sheet {input.sheet}" if input.sheet else "",
+    conda:
+        "../../envs/preprocess.yaml"
+    shell:
+        "spinedet annotations --config {params.config:q} --files {input.files}"
+        " --cohort {input.cohort} {params.sheet} --out {params.out}"
+        " --summary {output.summary} > {log} 2>&1"
+
+
 rule convert:
     input:
         series=rules.inventory.output.series,
@@ -53,7 +81,7 @@ rule deidentify:
         conversions=rules.convert.output.conversions,
         files=rules.inventory.output.files,
         selection=rules.inventory.output.selection,
-        annotations=config["annotations"],
+        annotations=rules.annotations.output.table,
         key=lambda wildcards: PSEUDONYM_KEY or [],
     output:
         # participants.csv, annotation_issues.csv and sub-<p>/ (volume, sidecar, boxes)

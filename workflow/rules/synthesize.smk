@@ -4,7 +4,9 @@ if config["demo"]["enabled"]:
         localrule: True
         output:
             dicom=directory(config["raw"]),
-            annotations=config["annotations"],
+            # the sheet: every box, or with demo.annotation_format sr, seg or mixed those of
+            # the csv patients (the others' boxes are SR or SEG objects in the export)
+            annotations=f"{config['demo']['out']}/annotations.csv",
             cohort=config["cohort"],
             preview=f"{config['demo']['out']}/preview.png",
             key=f"{config['demo']['out']}/pseudonym.key",
@@ -12,13 +14,14 @@ if config["demo"]["enabled"]:
             linked_storage=directory(f"{config['demo']['out']}/linked_storage"),
         params:
             # the config sections the verb reads (a change reruns the rule)
-            config=verb_config("classes", "groups"),
+            config=verb_config("classes", "groups", "annotation_import"),
             out=lambda wildcards, output: Path(output.annotations).parent,
             patients=config["demo"]["patients"],
             matrix=config["demo"]["matrix"],
             seed=config["demo"]["seed"],
             enhanced=config["demo"]["enhanced_fraction"],
             faults="--faults" if config["demo"]["faults"] else "",
+            annotation_format=config["demo"]["annotation_format"],
         threads: 8  # patients written in parallel; snakemake caps it at --cores
         log:
             f"{LOGS}/synthesize.log",
@@ -29,5 +32,5 @@ if config["demo"]["enabled"]:
         shell:
             "spinedet synthesize --out {params.out} --patients {params.patients}"
             " --matrix {params.matrix} --seed {params.seed} --enhanced-fraction {params.enhanced}"
-            " --preview {output.preview}"
+            " --annotation-format {params.annotation_format} --preview {output.preview}"
             " --config {params.config:q} --workers {threads} {params.faults} > {log} 2>&1"

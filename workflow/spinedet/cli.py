@@ -19,6 +19,8 @@ STAGES = {
     "synthesize": ("demo.synthesize", "Write the synthetic cervical-spine DICOM export (demo data)."),
     "inventory": ("ingest.inventory",
                   "Account for every file of a raw export and pick one target series per patient."),
+    "annotations": ("ingest.annotations.table",
+                    "One table of every annotation: the sheet, the export's DICOM SR and SEG objects."),
     "convert": ("ingest.convert", "Convert the selected series to NIfTI with dcm2niix (stays in restricted/)."),
     "deidentify": ("ingest.deidentify", "Pseudonymise patients, scrub sidecars, map annotations to voxel space."),
     "slices": ("dataset.slices", "Write canonical PNG slices and one COCO JSON per patient."),

@@ -121,3 +121,16 @@ def pseudonym_key_file(config: dict) -> str | None:
     if demo.get("enabled"):
         return f"{demo['out']}/pseudonym.key"
     return None
+
+
+def finding_codes(config: dict) -> dict[str, tuple[str, str, str]]:
+    """Each class's finding code (scheme, value, meaning) for the DICOM objects spinedet
+    writes (the demo's SR and SEG): the first `code` entry of annotation_import.finding_map
+    for the class, so that the annotation import reads them back as that class."""
+    codes = {}
+    for entry in config["annotation_import"]["finding_map"]:
+        code = entry.get("code")
+        if code and entry["class"] not in codes:
+            codes[entry["class"]] = (code["scheme"], code["value"],
+                                     code.get("meaning") or entry["class"].replace("_", " "))
+    return codes

@@ -172,6 +172,21 @@ def check_semantics(config: dict, architectures: list[str], *, check_paths: bool
     for name, model in config["models"].items():
         _check_model(name, model, architectures, check_paths=check_paths)
     _check_study_models(config)
+    _check_finding_map(config["annotation_import"]["finding_map"])
+
+
+def _check_finding_map(finding_map: list[dict]) -> None:
+    for index, entry in enumerate(finding_map):
+        key = f"annotation_import.finding_map[{index}]"
+        if ("code" in entry) == ("text" in entry):
+            raise SpinedetError(f"config key '{key}': give either code: {{scheme, value}} or text: <regex>, "
+                                "not both or neither")
+        if "text" in entry:
+            try:
+                re.compile(entry["text"])
+            except re.error as exc:
+                raise SpinedetError(f"config key '{key}.text': not a valid regular expression "
+                                    f"{entry['text']!r}: {exc}") from None
 
 
 def _check_study_models(config: dict) -> None:
@@ -214,6 +229,8 @@ def _check_demo_paths(config: dict) -> None:
     out = Path(config["demo"]["out"])
     expected = {"raw": out / "DICOM", "annotations": out / "annotations.csv", "cohort": out / "cohort.csv"}
     for key, path in expected.items():
+        if key == "annotations" and config[key] is None:
+            continue  # the demo's SR and SEG objects alone
         if not _same_path(config[key], path):
             raise SpinedetError(
                 f"config key '{key}': with demo.enabled the synthesizer writes {path}, "
@@ -231,6 +248,8 @@ def _check_inputs_exist(config: dict) -> None:
             "so the raw DICOM export must exist)"
         )
     for key in ("annotations", "cohort"):
+        if config[key] is None:  # annotations: null, the export's SR and SEG objects alone
+            continue
         path = Path(config[key])
         if not path.is_file():
             raise SpinedetError(

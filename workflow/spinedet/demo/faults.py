@@ -11,7 +11,9 @@ its outcome must show:
 
 - `file`: a path under DICOM/ -> its files.csv status and reason;
 - `patient`: a PatientID -> its selection.csv status (and conversion);
-- `annotation`: a line of annotations.csv -> its annotation_issues.csv reason.
+- `annotation`: a line of annotations.csv -> its annotation_issues.csv reason;
+- `object`: an SR or SEG object under DICOM/ -> the import_issues.csv reason of
+  every region or segment it holds (the object itself is ok in files.csv).
 
 The same export and seed give the same files.
 """
@@ -28,6 +30,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless, generate_uid
 
 from spinedet import SpinedetError
+from spinedet.demo.annotation_objects import measurement_report, write
 from spinedet.demo.dicom_writer import TARGET_DESCRIPTION, enhanced_dataset
 from spinedet.io import read_csv, write_csv
 
@@ -133,15 +136,23 @@ def _enhanced_mr(files: list[Path], path: Path, patient_id: str, seed: int) -> P
     return path
 
 
-def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> list[dict]:
+def write_faults(export: Path, seed: int = 0, normal_group: str = "normal",
+                 codes: dict[str, tuple[str, str, str]] | None = None) -> list[dict]:
     """Add the fault corpus to a clean export; returns (and writes) faults.csv.
-    Fault patients copy the first normal patient exported as classic MR, and are normal themselves."""
+    Fault patients copy the first normal patient exported as classic MR, and are normal themselves.
+    `codes`: each class's finding code for the SR cases (default: the config schema's)."""
+    if codes is None:
+        from spinedet.config import finding_codes, load
+
+        codes = finding_codes(load([]))
     export = Path(export)
     dicom, root = export / "DICOM", export / "DICOM" / FAULT_ROOT
     cohort = read_csv(export / "cohort.csv")
     annotations = read_csv(export / "annotations.csv")
+    # every box of the export (the sheet is empty when the boxes came as SR or SEG)
+    all_boxes = read_csv(export / "truth" / "annotations.csv")
     normal_ids = [row["patient_id"] for row in cohort if row["group"] == normal_group]
-    if not normal_ids or not annotations:
+    if not normal_ids or not all_boxes:
         raise SpinedetError("the fault corpus needs a clean export with a normal patient and annotations")
     donor_id, donor = _donor_series(dicom, normal_ids)
     if len(donor) < 5:
@@ -155,6 +166,10 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
 
     def expect_file(fault: str, path: Path, status: str, reason: str = "") -> None:
         faults.append({"fault": fault, "kind": "file", "where": rel(path), "expect_status": status,
+                       "expect_reason": reason, "expect_conversion": ""})
+
+    def expect_object(fault: str, path: Path, reason: str) -> None:
+        faults.append({"fault": fault, "kind": "object", "where": rel(path), "expect_status": "issue",
                        "expect_reason": reason, "expect_conversion": ""})
 
     def patient(fault: str, patient_id: str, status: str, reason: str = "", conversion: str = "") -> None:
@@ -176,6 +191,35 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
     expect_file("truncated DICOM", truncated, "quarantined", "truncated")
     sr = _testdata("reportsi.dcm", root / "sr" / "report.dcm", donor_id, seed, "sr", identity)
     expect_file("DICOM without pixel data (structured report)", sr, "quarantined", "unsupported_sop_class")
+    # Annotation objects spinedet annotations cannot use: each listed with its reason.
+    report = _testdata("test-SR.dcm", root / "sr" / "not_a_measurement_report.dcm", donor_id, seed, "sr-text",
+                       identity)
+    expect_file("a structured report that is not a TID 1500 measurement report", report, "quarantined",
+                "sr_not_measurement_report")
+    liver = _testdata("liver_1frame.dcm", root / "seg" / "ct_segmentation.dcm", donor_id, seed, "seg-ct", identity)
+    segmentation = pydicom.dcmread(liver)  # its segments coded as a lesion class: only their images are wrong
+    for segment in segmentation.SegmentSequence:
+        code = segment.SegmentedPropertyTypeCodeSequence[0]
+        code.CodingSchemeDesignator, code.CodeValue, code.CodeMeaning = next(iter(codes.values()))
+    segmentation.save_as(liver, enforce_file_format=True)
+    expect_object("a segmentation of CT images that are not in the export", liver, "references_unknown_instance")
+    ct = _testdata("CT_small.dcm", root / "sr" / "ct.dcm", donor_id, seed, "sr-ct", identity)
+    expect_file("a CT image (annotated by the next report)", ct, "quarantined", "unsupported_sop_class")
+    ct_dataset = pydicom.dcmread(ct)
+    on_ct = measurement_report([ct_dataset], [{"sop_instance_uid": ct_dataset.SOPInstanceUID, "frame_number": None,
+                                               "label": "disc_herniation", "x_min": 10, "y_min": 10, "x_max": 20,
+                                               "y_max": 20}],
+                               codes, series_number=92)
+    write(on_ct, root / "sr" / "report_on_ct.dcm")
+    expect_object("a measurement report of a CT image", root / "sr" / "report_on_ct.dcm", "references_unknown_instance")
+    donor_first = pydicom.dcmread(donor[0])
+    other = measurement_report([donor_first], [{"sop_instance_uid": donor_first.SOPInstanceUID, "frame_number": None,
+                                                "label": "other", "x_min": 4, "y_min": 4, "x_max": 12, "y_max": 12}],
+                               {"other": ("SCT", "49755003", "Morphologically abnormal structure")}, series_number=93)
+    write(other, root / "sr" / "report_of_another_finding.dcm")
+    expect_object("a measurement report of a finding no class maps", root / "sr" / "report_of_another_finding.dcm",
+                  "unknown_finding")
+
     index = pydicom.dcmread(get_testdata_file("DICOMDIR"))
     _replace_identity(index, seed, "dicomdir", identity)
     index.save_as(root / "DICOMDIR")
@@ -265,8 +309,8 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
     patient("the same patient exported twice (two studies)", "FAULT-TWICE", "selected", "1 other matching series",
             "converted")
 
-    # Bad annotations, against the first clean annotated series.
-    first = annotations[0]
+    # Bad annotations in the sheet, against the first clean annotated series.
+    first = all_boxes[0]
     bad_lines = [
         ("annotation of an unknown instance", {**first, "sop_instance_uid": _uid(seed, "unknown-instance")},
          "unknown_instance"),
@@ -298,7 +342,7 @@ def write_faults(export: Path, seed: int = 0, normal_group: str = "normal") -> l
     expect_file("a directory link loop", root / "loop_dir" / "loop", "quarantined", "link_loop")
 
     write_csv(export / "cohort.csv", cohort + new_cohort, ["patient_id", "group"])
-    write_csv(export / "annotations.csv", annotations, list(annotations[0]))
+    write_csv(export / "annotations.csv", annotations, list(all_boxes[0]))
     write_csv(export / "faults.csv", faults, FAULT_COLUMNS)
     return faults
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pydicom
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
@@ -57,6 +58,7 @@ from spinedet.demo.rendering import (
 )
 from spinedet.demo.faults import FAULT_COLUMNS, LINKED_STORAGE, write_faults
 from spinedet.demo.truth import PatientResult, write_truth
+from spinedet.demo.annotation_objects import label_masks, measurement_report, segmentation, write
 from spinedet.io import write_csv
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ DEFAULT_CLASSES = ("disc_herniation", "cord_injury")
 ROLES = ("disc", "injured", "normal")
 
 TARGET_SUBSAMPLES = 2  # planes averaged across each target slice's thickness (partial volume)
+ANNOTATION_FORMATS = ("csv", "sr", "seg")
 ANNOTATION_COLUMNS = ["study_uid", "series_uid", "sop_instance_uid", "instance_number", "frame_number", "label",
                       "x_min", "y_min", "x_max", "y_max"]
 
@@ -114,11 +117,15 @@ def _target_geometry(rng: np.random.Generator, anatomy: phantom.Anatomy, matrix:
 
 
 def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: str, labels: tuple[str, str],
-                       matrix: int, enhanced: bool = False) -> PatientResult:
+                       matrix: int, enhanced: bool = False, annotation_format: str = "csv",
+                       codes: dict[str, tuple[str, str, str]] | None = None) -> PatientResult:
     """Draw and write one patient's study under root/DICOM; return its annotations and truth.
 
     With `enhanced`, its sagittal and axial series are written as Enhanced MR (one
     multi-frame file per series), as modern scanners export; the pixels are the same.
+    `annotation_format` csv: the boxes go to the sheet; sr: a TID 1500 measurement
+    report beside the images instead; seg: a segmentation of the lesion masks instead
+    (the returned annotations hold every box in each case). `codes`: each label's finding code (config.finding_codes).
     """
     rng = np.random.default_rng([seed, index])
     identity = fake_identity(rng, index)
@@ -166,6 +173,9 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
         })
 
     files = len({item["path"] for item in t2})
+    if annotation_format != "csv":
+        files += _write_annotation_object(dicom, annotation_format, t2, annotations, masks,
+                                          [lesion.label for lesion in lesions], codes, style, index)
     files += _write_distractors(dicom, rng, anatomy, lesions, geometry, header, identity, series_numbers, protocol,
                                 namer, minutes, matrix, seed, index, enhanced)
 
@@ -186,7 +196,32 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
         "study_uid": np.array(study_uid),
         "series_uid": np.array(series_uid),
     }
-    return PatientResult(identity["PatientID"], group, annotations, truth, preview_image, preview_boxes, files)
+    return PatientResult(identity["PatientID"], group, annotations, truth, preview_image, preview_boxes, files,
+                         annotation_format)
+
+
+# Series numbers of the annotation objects: after every image series of the study.
+ANNOTATION_SERIES = {"sr": 90, "seg": 91}
+
+
+def _write_annotation_object(dicom: Path, kind: str, t2: list[dict], boxes: list[dict], masks: np.ndarray,
+                             labels: list[str], codes: dict, style: str, index: int) -> int:
+    """The patient's boxes as an SR (kind sr) or its lesion masks as a SEG (kind seg) in
+    the study's folder, as a PACS exports them; 0 files for a patient without any."""
+    sources = [pydicom.dcmread(path) for path in dict.fromkeys(item["path"] for item in t2)]
+    series_number = ANNOTATION_SERIES[kind]
+    if kind == "sr":
+        if not boxes:
+            return 0
+        dataset = measurement_report(sources, boxes, codes, series_number=series_number)
+    else:
+        by_label = label_masks(masks, labels, [item["slice_index"] for item in t2])
+        if not any(mask.any() for mask in by_label.values()):
+            return 0
+        dataset = segmentation(sources, {label: mask for label, mask in by_label.items() if mask.any()}, codes,
+                               series_number=series_number)
+    write(dataset, dicom / file_namer(style, index + 1, series_number)(1))
+    return 1
 
 
 def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometry, header, identity, series_numbers,
@@ -255,7 +290,8 @@ def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometr
 
 def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequence[str] = DEFAULT_CLASSES,
                groups: Sequence[str] = DEFAULT_GROUPS, preview: Path | None = None, workers: int = 1,
-               enhanced_fraction: float = 0.0) -> dict:
+               enhanced_fraction: float = 0.0, annotation_format: str = "csv",
+               codes: dict[str, tuple[str, str, str]] | None = None) -> dict:
     """Write the export under `out` (DICOM/, annotations.csv, cohort.csv, truth/, pseudonym.key) and
     return a PHI-free summary.
 
@@ -264,7 +300,10 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     Enhanced MR, the rest as classic MR Image Storage.
 
     `classes` name (herniation, cord injury) and `groups` name the (disc,
-    injured, normal) groups, in that order.
+    injured, normal) groups, in that order. `annotation_format` (csv, sr, seg, or mixed:
+    patient i gets the (i mod 3)-th of csv, sr, seg) says how each patient's boxes are
+    handed over; `codes` gives each class's finding code for SR and SEG (default: the
+    config schema's finding_map).
     """
     if len(classes) != 2:
         raise SpinedetError(f"synthesize needs exactly two classes (herniation, cord injury), got {list(classes)}")
@@ -285,10 +324,22 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
         raise SpinedetError(f"the Enhanced MR fraction must be within 0..1, got {enhanced_fraction}")
     # its own generator: the other patients' files do not depend on the fraction
     enhanced = np.random.default_rng([seed, 0xE4]).random(patients) < enhanced_fraction
+    if annotation_format not in (*ANNOTATION_FORMATS, "mixed"):
+        raise SpinedetError(f"--annotation-format must be one of csv, sr, seg, mixed, got {annotation_format!r}")
+    formats = [ANNOTATION_FORMATS[index % 3] if annotation_format == "mixed" else annotation_format
+               for index in range(patients)]
+    if codes is None:
+        from spinedet.config import finding_codes, load
+
+        codes = finding_codes(load([]))
+    missing = [label for label in classes if label not in codes] if annotation_format != "csv" else []
+    if missing:
+        raise SpinedetError(f"no finding code for class(es) {', '.join(missing)}: add a code entry for each to "
+                            "annotation_import.finding_map")
     jobs = [
         {"root": out, "seed": seed, "index": index, "group": groups[int(assignment[index])],
          "role": ROLES[int(assignment[index])], "labels": tuple(classes), "matrix": matrix,
-         "enhanced": bool(enhanced[index])}
+         "enhanced": bool(enhanced[index]), "annotation_format": formats[index], "codes": codes}
         for index in range(patients)
     ]
     # Each patient draws from its own generator (seed, index), so the files do
@@ -301,10 +352,14 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
         with multiprocessing.get_context("spawn").Pool(workers, initializer=silence_pydicom) as pool:
             results = list(progress(pool.imap(_synthesize_job, jobs)))
 
-    write_csv(out / "annotations.csv", [row for result in results for row in result.annotations], ANNOTATION_COLUMNS)
+    write_csv(out / "annotations.csv", [row for result in results if result.annotation_format == "csv"
+                                        for row in result.annotations], ANNOTATION_COLUMNS)
     write_csv(out / "cohort.csv", [{"patient_id": result.patient_id, "group": result.group} for result in results],
               ["patient_id", "group"])
     write_truth(out / "truth", results)
+    # every box, whichever way it was handed over (the sheet holds the csv patients' only)
+    write_csv(out / "truth" / "annotations.csv", [row for result in results for row in result.annotations],
+              ANNOTATION_COLUMNS)
     write_demo_key(out / DEMO_KEY_FILE, seed)
     # No faults in a clean export; `--faults` (spinedet.demo.faults) adds them.
     write_csv(out / "faults.csv", [], FAULT_COLUMNS)
@@ -318,10 +373,12 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
         "groups": counts,
         "files": int(sum(r.files for r in results)),
         "annotations": int(sum(len(r.annotations) for r in results)),
+        "annotations_in_sheet": int(sum(len(r.annotations) for r in results if r.annotation_format == "csv")),
         "lesions": lesions,
         "matrix": matrix,
         "seed": seed,
         "enhanced_mr_patients": int(enhanced.sum()),
+        "annotation_formats": {form: formats.count(form) for form in ANNOTATION_FORMATS},
     }
     log.info("synthesized %d patients, %d files, %d boxes in %s", patients, summary["files"], summary["annotations"], out)
     return summary
@@ -356,21 +413,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="patients written in parallel (same files for any count)")
     parser.add_argument("--enhanced-fraction", type=float, default=0.0,
                         help="fraction of the patients written as Enhanced MR (multi-frame), 0..1 (default 0)")
+    parser.add_argument("--annotation-format", choices=[*ANNOTATION_FORMATS, "mixed"], default="csv",
+                        help="how the boxes are handed over: the annotations.csv sheet, a TID 1500 SR or a SEG per "
+                             "patient in the export, or mixed (default csv)")
     parser.add_argument("--faults", action="store_true",
                         help="also write the fault corpus (DICOM/FAULTS/, listed in faults.csv)")
 
 
 def run(args: argparse.Namespace) -> int:
-    classes, groups = DEFAULT_CLASSES, DEFAULT_GROUPS
-    if args.config:
-        from spinedet.config import load
+    from spinedet.config import finding_codes, load
 
+    classes, groups = DEFAULT_CLASSES, DEFAULT_GROUPS
+    codes = finding_codes(load([]))
+    if args.config:
         config = load(args.config)
         classes = tuple(config.get("classes", classes))
         groups = tuple(config.get("groups", groups))
+        if "annotation_import" in config:
+            codes = finding_codes(config)
     summary = synthesize(args.out, args.patients, args.matrix, args.seed, classes=classes, groups=groups,
-                         preview=args.preview, workers=args.workers, enhanced_fraction=args.enhanced_fraction)
-    faults = write_faults(args.out, args.seed, normal_group=groups[2]) if args.faults else []
+                         preview=args.preview, workers=args.workers, enhanced_fraction=args.enhanced_fraction,
+                         annotation_format=args.annotation_format, codes=codes)
+    faults = write_faults(args.out, args.seed, normal_group=groups[2], codes=codes) if args.faults else []
     log.info("fault corpus: %d cases (faults.csv)", len(faults))
     log.info("groups: %s; lesions: %s", summary["groups"], summary["lesions"])
     return 0

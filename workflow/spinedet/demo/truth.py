@@ -21,6 +21,7 @@ class PatientResult:
     preview_image: np.ndarray
     preview_boxes: list[tuple[str, tuple[int, int, int, int]]]
     files: int
+    annotation_format: str = "csv"  # csv: `annotations` go to the sheet; sr, seg: an object in the export
 
 
 def case_name(index: int, patients: int) -> str:

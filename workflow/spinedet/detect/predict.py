@@ -119,7 +119,7 @@ def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
 
     One series: that one. Several: the one the inventory rules would select.
     """
-    from spinedet.ingest.dicom import build_series, is_target, list_files, read_file
+    from spinedet.ingest.dicom import build_series, is_target, list_files, read_file, series_rank
 
     rows, seen = [], set()
     for path in tqdm(list_files(folder), desc="read headers", unit="file"):
@@ -143,7 +143,7 @@ def read_series(folder: Path, rules: dict) -> tuple[dict, list[dict]]:
                 f"{folder} holds {len(series)} series and none meets the inventory rules: {found}. "
                 "Point --input at the one series folder to use."
             )
-        series = sorted(targets, key=lambda s: -s["n_slices"])
+        series = sorted(targets, key=series_rank(rules))
     chosen = series[0]
     log.info("series %r: %s, %d images", chosen["description"], chosen["orientation"], chosen["n_slices"])
     return chosen, [r for r in rows if r["series_uid"] == chosen["series_uid"]]

@@ -38,9 +38,10 @@ import numpy as np
 from tqdm import tqdm
 
 from spinedet import SpinedetError
+from spinedet.ingest.annotations.sheet import COORDINATES, read_annotations
 from spinedet.ingest.dicom import image_planes
 from spinedet.geometry import GeometryError, pixel_box_to_voxel_box, volume_slice_axis
-from spinedet.io import read_csv, read_table, write_bytes, write_csv, write_json
+from spinedet.io import read_csv, write_bytes, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,6 @@ SIDECAR_ALLOWLIST = (
 )
 NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type")
 
-ANNOTATION_COORDINATES = ("x_min", "y_min", "x_max", "y_max")
 PARTICIPANT_COLUMNS = ["pseudonym", "group"]
 PSEUDONYM_COLUMNS = ["patient_id", "pseudonym"]
 ISSUE_COLUMNS = ["pseudonym", "row", "label", "reason", "detail"]
@@ -111,7 +111,8 @@ def load_or_create_key(restricted: Path, key_file: str | Path | None = None) -> 
     if key_file is not None:
         path = Path(key_file)
         if not path.is_file():
-            raise SpinedetError(f"config key 'deidentify.key_file': key file not found: {path}")
+            raise SpinedetError(f"pseudonym key file not found: {path} (--key-file, or config key "
+                                "'deidentify.key_file')")
     else:
         path = Path(restricted) / KEY_FILE_NAME
         if not path.exists():
@@ -273,19 +274,6 @@ def _instance_number(value: str) -> str:
         return value
 
 
-def read_annotations(path: Path) -> list[tuple[int, dict]]:
-    """(line number in the file, row) for every annotation; the header is line 1."""
-    path = Path(path)
-    table = read_table(path, "annotations file")
-    columns = set(table.columns)
-    needed = {"series_uid", "label", *ANNOTATION_COORDINATES}
-    missing = needed - columns
-    if missing or not columns & {"sop_instance_uid", "instance_number"}:
-        what = ", ".join(sorted(missing)) or "sop_instance_uid or instance_number"
-        raise SpinedetError(f"{path}: missing column(s) {what}")
-    return list(enumerate(table.to_dict(orient="records"), start=2))
-
-
 def map_annotation(annotation: dict, instances: InstanceIndex, volumes: dict[str, dict],
                    classes: list[str]) -> tuple[str, dict]:
     """(patient_id, box dict for boxes.json) of one annotation, or raise AnnotationIssue.
@@ -303,7 +291,7 @@ def map_annotation(annotation: dict, instances: InstanceIndex, volumes: dict[str
         raise AnnotationIssue("unknown_label", f"label is not one of the config's classes {classes}",
                               patient_id)
     try:
-        box = [float(annotation[c]) for c in ANNOTATION_COORDINATES]
+        box = [float(annotation[c]) for c in COORDINATES]
     except (TypeError, ValueError):
         box = [float("nan")]
     if not all(np.isfinite(box)):

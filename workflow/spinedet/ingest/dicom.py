@@ -28,6 +28,16 @@ ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 SUPPORTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage",
                          ENHANCED_MR_IMAGE_STORAGE: "Enhanced MR Image Storage"}
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+# Annotation objects an export may carry beside the images (OHIF, Slicer, highdicom,
+# dcmqi, MONAI Label write them): read by `spinedet annotations`, not converted.
+SR_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR Storage",
+                  "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
+                  "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage"}
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+# TID 1500 "Measurement Report": the template of an SR's root content item, or
+# its concept name (DCM 126000 "Imaging Measurement Report") where no template is named.
+MEASUREMENT_REPORT_TEMPLATE = "1500"
+MEASUREMENT_REPORT_CONCEPT = ("DCM", "126000")
 PIXEL_DATA_TAG = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 SNAKEMAKE_MARKER = ".snakemake_timestamp"
@@ -239,6 +249,8 @@ def _classify_dataset(dataset) -> dict:
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in dataset:
         return {"status": "ok", "kind": "dicomdir", "reason": "",
                 "detail": "DICOMDIR index: not an image, not used", **fields}
+    if sop_class in SR_SOP_CLASSES or sop_class == SEGMENTATION_STORAGE:
+        return _classify_annotation_object(dataset, fields)
     fields["kind"] = "image"
     if sop_class not in SUPPORTED_SOP_CLASSES:
         name = pydicom.uid.UID(sop_class).name if sop_class else "missing"
@@ -299,6 +311,38 @@ def _classify_dataset(dataset) -> dict:
     )
     return {"status": "ok", "reason": "", "detail": "", **fields}
 
+
+
+def is_measurement_report(dataset) -> bool:
+    """A TID 1500 Measurement Report: by the root's template identifier, else its concept name."""
+    for item in dataset.get("ContentTemplateSequence") or []:
+        if _text(item.get("TemplateIdentifier")) == MEASUREMENT_REPORT_TEMPLATE:
+            return True
+    for item in dataset.get("ConceptNameCodeSequence") or []:
+        if (_text(item.get("CodingSchemeDesignator")), _text(item.get("CodeValue"))) == MEASUREMENT_REPORT_CONCEPT:
+            return True
+    return False
+
+
+def _classify_annotation_object(dataset, fields: dict) -> dict:
+    """An SR or SEG object: ok when `spinedet annotations` can read it, else quarantined."""
+    sop_class = fields["sop_class_uid"]
+    kind = "seg" if sop_class == SEGMENTATION_STORAGE else "sr"
+    fields.update(kind=kind, series_number=_text(dataset.get("SeriesNumber")),
+                  series_description=_text(dataset.get("SeriesDescription")),
+                  instance_number=_text(dataset.get("InstanceNumber")))
+    if kind == "sr" and not is_measurement_report(dataset):
+        templates = [_text(item.get("TemplateIdentifier")) for item in dataset.get("ContentTemplateSequence") or []]
+        named = f"template {', '.join(templates)}" if any(templates) else "no template identifier"
+        return quarantine_row("sr_not_measurement_report", f"{SR_SOP_CLASSES[sop_class]} with {named}: only TID 1500 "
+                              "measurement reports (OHIF, highdicom, dcmqi) hold regions to import; nothing to do "
+                              "unless it should hold lesion annotations", **fields)
+    missing = [name for name in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID") if _text(dataset.get(name)) == ""]
+    if missing:
+        return quarantine_row("missing_attributes", f"missing {', '.join(missing)}: the {kind.upper()} object "
+                              "cannot be assigned to a patient or study; re-export it with its full header", **fields)
+    what = "measurement report (TID 1500)" if kind == "sr" else "segmentation"
+    return {"status": "ok", "reason": "", "detail": f"{what}: read by spinedet annotations", **fields}
 
 
 def _frame_geometry(dataset) -> list[dict]:
@@ -399,3 +443,28 @@ def is_target(series: dict, rules: dict) -> bool:
         return False
     exclude = rules.get("exclude_pattern")
     return not (exclude and re.search(exclude, series["description"]))
+
+
+def missing_slices(series: dict) -> int:
+    return int(series.get("missing_slices") or 0)
+
+
+def is_multi_volume(series: dict) -> bool:
+    """More images than slice positions: a 4-D series (diffusion, multi-echo, dynamics)."""
+    return bool(series.get("positions")) and int(series["n_slices"]) > int(series["positions"])
+
+
+def series_rank(rules: dict):
+    """The sort key that puts the best of a patient's target series first, for the
+    inventory and for `spinedet predict` alike: a series matching an earlier `prefer`
+    pattern (T2 before STIR), then a complete one (no gap in its slice positions), then a
+    3-D one (not 4-D), then the one with most images; ties go to the lowest series number,
+    then the lowest series UID."""
+    prefer = list(rules.get("prefer") or [])
+
+    def preference(series: dict) -> int:
+        return next((rank for rank, pattern in enumerate(prefer) if re.search(pattern, series["description"])),
+                    len(prefer))
+
+    return lambda s: (preference(s), missing_slices(s) > 0, is_multi_volume(s), -int(s["n_slices"]),
+                      series_number_key(s), s["series_uid"])

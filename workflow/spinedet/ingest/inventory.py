@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.ingest.dicom import build_series, is_target, quarantine_row, read_file, series_number_key, walk_export
+from spinedet.ingest.dicom import (
+    build_series,
+    is_multi_volume,
+    is_target,
+    missing_slices,
+    quarantine_row,
+    read_file,
+    series_rank,
+    walk_export,
+)
 from spinedet.io import read_table, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -123,7 +131,7 @@ def classify_files(paths: list[Path], cohort: dict[str, str]) -> list[dict]:
             row.update(quarantine_row("unreadable", f"cannot read the file ({exc.strerror}): check "
                                    "its permissions"))
         row["path"] = path.as_posix()
-        if row["status"] == "ok" and row["kind"] == "image":
+        if row["status"] == "ok" and row["kind"] in ("image", "sr", "seg"):
             uid = row["sop_instance_uid"]
             if uid in first_path_of_instance:
                 row.update(status="quarantined", reason="duplicate",
@@ -131,7 +139,9 @@ def classify_files(paths: list[Path], cohort: dict[str, str]) -> list[dict]:
                                   "remove the copy")
             else:
                 first_path_of_instance[uid] = row["path"]
-                if row["patient_id"] not in cohort:
+                # an SR's or SEG's regions of a patient outside the cohort are listed by
+                # `spinedet annotations` (import_issues.csv), each with its reason
+                if row["kind"] == "image" and row["patient_id"] not in cohort:
                     row.update(status="quarantined", reason="not_in_cohort",
                                detail="PatientID is not listed in cohort.csv: add the patient "
                                       "to the cohort or leave the file out")
@@ -146,17 +156,8 @@ def _describe(series: dict) -> str:
 def select_series(series_rows: list[dict], file_rows: list[dict], cohort: dict[str, str],
                   rules: dict) -> list[dict]:
     """One selection.csv row per cohort patient; marks the chosen series `selected` in place.
-
-    Among the series meeting the rules, one matching an earlier `prefer`
-    pattern wins (T2 before STIR), then the one with most slices; ties go to
-    the lowest series number, then the lowest series UID.
-    """
-    prefer = list(rules.get("prefer") or [])
-
-    def preference(series: dict) -> int:
-        return next((rank for rank, pattern in enumerate(prefer) if re.search(pattern, series["description"])),
-                    len(prefer))
-
+    Among the series meeting the rules, the first by `series_rank` (spinedet.ingest.dicom)."""
+    rank = series_rank(rules)
     by_patient: dict[str, list[dict]] = defaultdict(list)
     for series in series_rows:
         by_patient[series["patient_id"]].append(series)
@@ -171,11 +172,7 @@ def select_series(series_rows: list[dict], file_rows: list[dict], cohort: dict[s
     for number, (patient_id, group) in enumerate(cohort.items(), start=1):
         candidates = by_patient.get(patient_id, [])
         record = {"row": number, "patient_id": patient_id, "group": group, "series_uid": "", "fallbacks": ""}
-        targets = sorted(
-            (s for s in candidates if is_target(s, rules)),
-            key=lambda s: (preference(s), missing_slices(s) > 0, is_multi_volume(s), -int(s["n_slices"]),
-                           series_number_key(s), s["series_uid"]),
-        )
+        targets = sorted((s for s in candidates if is_target(s, rules)), key=rank)
         if targets:
             chosen = targets[0]
             chosen["selected"] = True
@@ -203,15 +200,6 @@ def select_series(series_rows: list[dict], file_rows: list[dict], cohort: dict[s
             record.update(status="no_files", reason="no file of this patient in the export")
         selection.append(record)
     return selection
-
-
-def missing_slices(series: dict) -> int:
-    return int(series.get("missing_slices") or 0)
-
-
-def is_multi_volume(series: dict) -> bool:
-    """More images than slice positions: a 4-D series (diffusion, multi-echo, dynamics)."""
-    return bool(series.get("positions")) and int(series["n_slices"]) > int(series["positions"])
 
 
 def summarize(file_rows: list[dict], series_rows: list[dict], selection: list[dict],

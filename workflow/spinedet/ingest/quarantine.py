@@ -17,4 +17,5 @@ REASONS = {
     "unreadable_folder": "folder cannot be listed (permissions)",
     "link_loop": "directory link to a folder already read",
     "not_a_file": "not a regular file",
+    "sr_not_measurement_report": "structured report that is not a TID 1500 measurement report",
 }
