@@ -446,3 +446,23 @@ def test_unreadable_checkpoint_is_kept_aside_and_training_starts_over(tmp_path):
     assert load_checkpoint(checkpoint, {"run": "x"}) is None
     assert not checkpoint.exists()
     assert (tmp_path / "checkpoint.pt.unreadable").read_bytes() == b"not a torch archive"
+
+
+def test_an_epoch_of_a_sampler_with_replacement_is_max_iters_per_epoch():
+    from spinedet.detect.train import epoch_length
+
+    # 15 annotated patients x 3 slices at batch 4 would be 12 iterations: class-balanced draws keep 100
+    assert epoch_length(45, 4, 100, with_replacement=True) == 100
+    assert epoch_length(45, 4, 100, with_replacement=False) == 12
+    assert epoch_length(605, 4, 130, with_replacement=False) == 130  # the demo's uniform cap
+    assert epoch_length(45, 4, None, with_replacement=True) == 12
+
+
+def test_a_small_cohort_trains_for_epochs_times_max_iters_per_epoch(blobs, tmp_path):
+    """Six training slices at batch 2 are 3 iterations a pass; with class-balanced sampling
+    and max_iters_per_epoch 4, two epochs are 2 x 4 iterations."""
+    cfg = {**RESNET, "epochs": 2, "max_iters_per_epoch": 4, "sampler": "class_balanced", "crop_size": 64}
+    out = tmp_path / "model"
+    assert train_model(config_for(cfg), model_name="resnet50", train_json=blobs["train"], val_json=blobs["val"],
+                       images=blobs["images"], out=out) == 0
+    assert [int(row["iters"]) for row in read_log(out / "train_log.csv")] == [4, 4]

@@ -549,3 +549,12 @@ def test_report_names_the_cpus_instruction_sets(rendered):
     assert "CPU Test CPU 3000 (AVX2, AVX-512, AVX512-BF16; 2 logical" in markdown
     assert "CPU Test CPU 3000 (2 logical" in markdown  # a timing file without them
     assert "Test CPU 3000\n    (AVX2, AVX-512, AVX512-BF16; 2 logical" in (rendered / "report.html").read_text()
+
+
+def test_the_methods_say_plainly_when_the_validation_split_is_one_patient():
+    from spinedet.study.report_methods import validation_caveat
+
+    one = {"splits": ["train", "val", "test"], "totals": [12, 1, 4]}
+    assert "The validation split holds a single patient" in validation_caveat(one)
+    assert "There is no validation split" in validation_caveat({**one, "totals": [12, 0, 4]})
+    assert validation_caveat({**one, "totals": [12, 3, 4]}) == ""

@@ -435,6 +435,17 @@ def make_loader(
     )
 
 
+def epoch_length(images: int, batch_size: int, max_iters: int | None, with_replacement: bool) -> int:
+    """Iterations per epoch. A sampler that draws with replacement (class_balanced) has no
+    natural epoch: it is `max_iters` batches, whatever the cohort's size (a 17-patient study
+    trains as long as a 180-patient one). A uniform pass over the slices is one epoch,
+    capped at `max_iters`."""
+    if with_replacement and max_iters:
+        return int(max_iters)
+    full_pass = math.ceil(images / batch_size)
+    return min(full_pass, int(max_iters)) if max_iters else full_pass
+
+
 def training_set(train_coco: dict, images, model_cfg: dict, classes: list[str]):
     """The training dataset (jitter, box-aware crops) and its sampling weights (None: uniform)."""
     slices = CocoSlices(train_coco, images, transforms=train_transforms(hflip=bool(model_cfg.get("hflip", False))))
@@ -533,10 +544,8 @@ def set_up_training(config: dict, model_name: str, train_json: str | Path, val_j
     train_set, weights = training_set(train_coco, images, model_cfg, classes)
     val_set = CocoSlices(val_coco, images)
     batch_size = int(model_cfg["batch_size"])
-    max_iters = model_cfg.get("max_iters_per_epoch")
-    iters_per_epoch = math.ceil(len(train_set) / batch_size)
-    if max_iters:
-        iters_per_epoch = min(iters_per_epoch, int(max_iters))
+    iters_per_epoch = epoch_length(len(train_set), batch_size, model_cfg.get("max_iters_per_epoch"),
+                                   with_replacement=weights is not None)
 
     model = build_model(model_cfg, num_classes=len(classes) + 1, image_size=size).to(device)
     anchors = anchor_report(train_coco, classes, model_cfg, model, size)

@@ -53,6 +53,7 @@ def methods_paragraph(config: dict, cohort: dict, test: dict, models: list[dict]
         f"slices with COCO AP at IoU 0.5 (pycocotools, 101-point interpolation); 95 % confidence intervals are "
         f"percentile intervals of {first.get('bootstrap', {}).get('draws')} bootstrap resamples of test patients. "
         f"Test AP50: {results}.")
+    text += validation_caveat(cohort)
     for pair in paired:
         text += " " + pair["sentence"].replace(":", ", paired comparison:", 1)
     if paired:
@@ -60,3 +61,15 @@ def methods_paragraph(config: dict, cohort: dict, test: dict, models: list[dict]
                  f"p-values from a paired permutation test ({paired[0]['permutations']} permutations"
                  f"{', exact' if paired[0]['exact'] else ''}).")
     return text
+
+
+def validation_caveat(cohort: dict) -> str:
+    """A sentence when the validation split is too small to lean on (a small real cohort)."""
+    patients = dict(zip(cohort["splits"], cohort["totals"])).get("val")
+    if patients == 1:
+        return (" The validation split holds a single patient: the best epoch and the patient-level operating "
+                "point were chosen on that one patient.")
+    if patients == 0:
+        return (" There is no validation split: the last epoch was kept, and no operating point could be chosen "
+                "on validation patients.")
+    return ""
