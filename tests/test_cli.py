@@ -55,3 +55,17 @@ def test_version_and_verbose_before_or_after_the_verb(capsys):
     assert parser.parse_args(["split", "-v"]).verbose is True
     assert parser.parse_args(["split", "--verbose"]).verbose is True
     assert parser.parse_args(["split"]).verbose is False
+
+
+def test_writing_and_reading_sr_and_seg_logs_no_uid(tmp_path):
+    """highdicom logs the UIDs of the datasets it copies from: the CLI keeps them out of
+    the rule's log (results/logs/ is outside restricted/)."""
+    export = tmp_path / "export"
+    run = subprocess.run([sys.executable, "-m", "spinedet.cli", "synthesize", "--out", str(export), "--patients", "3",
+                          "--matrix", "64", "--seed", "8", "--annotation-format", "mixed"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    uids = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            for path in (export / "DICOM").rglob("*") if path.is_file()}
+    assert len(uids) > 50
+    assert not [uid for uid in uids if uid in run.stdout + run.stderr]

@@ -28,7 +28,7 @@ import pydicom
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
-from spinedet import SpinedetError, silence_pydicom
+from spinedet import SpinedetError, silence_dicom_libraries
 from spinedet.demo import phantom
 from spinedet.demo.dicom_writer import (
     TARGET_DESCRIPTION,
@@ -349,7 +349,7 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     if workers == 1:
         results = [synthesize_patient(**job) for job in progress(jobs)]
     else:
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=silence_pydicom) as pool:
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=silence_dicom_libraries) as pool:
             results = list(progress(pool.imap(_synthesize_job, jobs)))
 
     write_csv(out / "annotations.csv", [row for result in results if result.annotation_format == "csv"

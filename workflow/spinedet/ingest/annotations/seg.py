@@ -18,6 +18,7 @@ nothing raises.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -58,14 +59,17 @@ def read_segmentation(path, instances: dict[str, dict], finding_map: list[dict],
     for each segment that has pixels on it.
     """
     path = Path(path)
-    try:
-        seg = hd.seg.segread(path)
-    except Exception as exc:  # noqa: BLE001 - one bad object is an issue, never an exception
-        return [], [unreadable_issue(SOURCE, path, exc, *_header_identity(path))]
-    try:
-        return _read(seg, instances, finding_map, list(classes), path)
-    except Exception as exc:  # noqa: BLE001
-        return [], [unreadable_issue(SOURCE, path, exc, *_header_identity(path))]
+    with warnings.catch_warnings():
+        # pydicom and highdicom warn with header values verbatim (a UID, a name): never into logs/
+        warnings.simplefilter("ignore")
+        try:
+            seg = hd.seg.segread(path)
+        except Exception as exc:  # noqa: BLE001 - one bad object is an issue, never an exception
+            return [], [unreadable_issue(SOURCE, path, exc, *_header_identity(path))]
+        try:
+            return _read(seg, instances, finding_map, list(classes), path)
+        except Exception as exc:  # noqa: BLE001
+            return [], [unreadable_issue(SOURCE, path, exc, *_header_identity(path))]
 
 
 def _header_identity(path: Path) -> tuple[str, str]:

@@ -23,6 +23,7 @@ Every group that gives no box becomes an ImportIssue; nothing raises.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,10 @@ def read_measurement_report(path, instances: dict[str, dict], finding_map: list[
     """
     path = Path(path)
     try:
-        return _read_report(path, instances, finding_map, list(classes), point_box_mm)
+        with warnings.catch_warnings():
+            # pydicom and highdicom warn with header values verbatim (a UID, a name): never into logs/
+            warnings.simplefilter("ignore")
+            return _read_report(path, instances, finding_map, list(classes), point_box_mm)
     except Exception as exc:  # noqa: BLE001 - one bad object is an issue, never an exception
         return [], [unreadable_issue(SOURCE, path, exc)]
 
@@ -417,7 +421,11 @@ def _place_2d(region: _Region, context: _Context) -> list[tuple[dict, dict, np.n
     if row is None:
         raise _unknown_instance(uid)
     wanted = _frames(row, frames)
-    return [(row, plane, region.points) for _, plane in _planes(row) if plane["frame_number"] in wanted]
+    placed = [(row, plane, region.points) for _, plane in _planes(row) if plane["frame_number"] in wanted]
+    if not placed:
+        raise _Unusable("unknown_frame", f"the region's frame reference {frames or '(none)'} matches no frame of "
+                        "the instance: re-export the report from the images it was drawn on")
+    return placed
 
 
 def _frames(row: dict, frames: list[int] | None) -> list[int | None]:
@@ -435,7 +443,8 @@ def _frames(row: dict, frames: list[int] | None) -> list[int | None]:
     if frames and any(f != 1 for f in frames):
         raise _Unusable("unknown_frame", f"frame {frames[0]} given for a single-frame instance: re-export the "
                         "report from the images it was drawn on")
-    return [None]
+    # None for a classic image, 1 for an Enhanced MR file of one frame
+    return [_planes(row)[0][1]["frame_number"]]
 
 
 def _place_3d(region: _Region, context: _Context) -> list[tuple[dict, dict, np.ndarray]]:
@@ -459,6 +468,9 @@ def _place_3d(region: _Region, context: _Context) -> list[tuple[dict, dict, np.n
         if not candidates:
             raise _Unusable("references_unknown_instance", "no accepted MR image of the report's study is in "
                             "the inventory: export the report together with the MR images it was drawn on")
+    if not candidates:
+        raise _Unusable("unknown_frame", f"the region's frame reference {region.reference[1]} matches no frame "
+                        "of the instance: re-export the report from the images it was drawn on")
     scored = []
     for row, plane in candidates:
         pixel = lps_to_pixel(region.points, plane["ipp"], plane["iop"], plane["pixel_spacing"])
