@@ -44,6 +44,7 @@ include: "workflow/rules/speed.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/cv.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/annotation_export.smk"
 
 
 rule all:

@@ -199,6 +199,9 @@ def test_architecture_enum_matches_the_model_registry():
         ({"study": {"models": ["resnet50", "vgg19"]}}, "config key 'study.models': vgg19 is not an entry of models: (the entries are resnet50, vgg16)"),
         ({"study": {"models": []}}, "config key 'study.models'"),
         ({"raw": "elsewhere/DICOM"}, "config key 'raw': with demo.enabled the synthesizer writes resources/demo_export/DICOM"),
+        ({"annotation_import": {"coco": "restricted/labels/coco.json"}}, "config key 'annotation_import.coco_manifest': missing"),
+        ({"annotation_import": {"coco": "restricted/labels/coco.json", "coco_manifest": "restricted/annotation_export/manifest.csv"}},
+         "config key 'annotation_import.coco_manifest': restricted/annotation_export/manifest.csv is what rule annotation_export writes"),
     ],
 )
 def test_each_problem_is_one_line_naming_the_key(override, expected):

@@ -38,7 +38,7 @@ def rule_envs_and_verbs() -> dict[str, tuple[str, str]]:
         for block in re.split(r"\n\s*(?=(?:rule|checkpoint) \w+:)", smk.read_text()):
             header = re.match(r"\s*(?:rule|checkpoint) (\w+):", block)
             env = re.search(r'conda:\s*"\.\./\.\./envs/(\w+)\.yaml"', block)
-            verb = re.search(r'"spinedet (\w+)', block)
+            verb = re.search(r'"spinedet ([\w-]+)', block)
             if header and env and verb:
                 found[header.group(1)] = (env.group(1), verb.group(1))
     return found

@@ -267,22 +267,27 @@ def test_cross_validation_with_two_folds_end_to_end(smoke_study, tmp_path):
 
 @pytest.fixture(scope="module")
 def format_studies(smoke_study, tmp_path_factory) -> dict[str, Path]:
-    """The smoke study (demo.annotation_format: mixed) run again with the boxes handed over
-    in one form each: the sheet, TID 1500 SRs, SEGs."""
+    """The smoke study (demo.annotation_format: mixed, run to the report) run again to the
+    split with the boxes handed over in one form each: the sheet, TID 1500 SRs, SEGs.
+    Everything after the split is the same whatever form the boxes came in."""
     studies = {}
     for form in ("csv", "sr", "seg"):
         workdir = tmp_path_factory.mktemp(f"format_{form}") / "study"
         copy_study(smoke_study, workdir, {"demo": {"out": str(workdir / "export"), "annotation_format": form}})
-        run = snakemake(workdir)
+        # Snakemake keeps its records by absolute path: the copy's changed param goes unseen, so
+        # synthesize is forced (then everything after it); "--" ends the --configfile list.
+        run = snakemake(workdir, "--forcerun", "synthesize", "--",
+                        *(str(workdir / "results" / "split" / f"{split}.json") for split in ("train", "val", "test")))
         assert run.returncode == 0, run.stderr[-5000:]
         studies[form] = workdir
     return studies
 
 
-def test_each_annotation_form_runs_to_the_report(smoke_study, format_studies):
+def test_each_annotation_form_reaches_the_split(smoke_study, format_studies):
     fault_lines = sum(1 for f in read_csv(smoke_study / "export" / "faults.csv") if f["kind"] == "annotation")
+    assert (smoke_study / "results" / "report" / "report.html").is_file()  # the mixed study, to the report
     for form, workdir in {"mixed": smoke_study, **format_studies}.items():
-        assert (workdir / "results" / "report" / "report.html").is_file(), form
+        assert (workdir / "results" / "split" / "train.json").is_file(), form
         boxes = json.loads((workdir / "results" / "annotations" / "summary.json").read_text())["boxes_by_source"]
         if form == "mixed":
             assert all(count > 0 for count in boxes.values()), boxes
@@ -311,4 +316,43 @@ def test_boxes_from_measurement_reports_equal_those_from_the_sheet(format_studie
     for key, boxes in from_sheet.items():
         assert len(boxes) == len(from_reports[key]), key
         for a, b in zip(boxes, from_reports[key]):
+            assert np.allclose(a, b, atol=0.5), (key, a, b)
+
+
+def test_boxes_drawn_on_exported_slices_come_back_as_the_sheets(smoke_study, tmp_path):
+    """The round trip through an annotation tool: the smoke study with its boxes as the sheet
+    (demo.annotation_format: csv) exported for annotation (rule annotation_export), then its
+    COCO and a copy of its manifest read back with no sheet (annotations: null,
+    annotation_import.coco): the training, validation and test COCO boxes agree to 0.5 px."""
+    workdir = tmp_path / "study"
+    copy_study(smoke_study, workdir, {"demo": {"out": str(workdir / "export"), "annotation_format": "csv"}})
+    results, restricted = workdir / "results", workdir / "restricted"
+    split = [str(results / "split" / f"{part}.json") for part in ("train", "val", "test")]
+    # Snakemake keeps its records by absolute path, so the copy's changed params go unseen: synthesize
+    # is forced (the csv form of the export, then everything after it). "--" ends the list options.
+    run = snakemake(workdir, "--forcerun", "synthesize", "--", *split, str(results / "annotation_export" / "coco.json"))
+    assert run.returncode == 0, run.stderr[-5000:]
+    sources = json.loads((results / "annotations" / "summary.json").read_text())["boxes_by_source"]
+    assert sources["csv"] > 0 and sources["sr"] == sources["seg"] == 0, sources
+    from_sheet = split_boxes(results)
+    exported = json.loads((results / "annotation_export" / "coco.json").read_text())
+    labels = restricted / "labels"  # where a user puts the tool's COCO and the manifest's copy
+    labels.mkdir()
+    shutil.copy(results / "annotation_export" / "coco.json", labels / "coco.json")
+    shutil.copy(restricted / "annotation_export" / "manifest.csv", labels / "manifest.csv")
+    paths = yaml.safe_load((workdir / "paths.yaml").read_text())
+    paths["annotations"] = None
+    paths["annotation_import"] = {"coco": str(labels / "coco.json"), "coco_manifest": str(labels / "manifest.csv")}
+    (workdir / "paths.yaml").write_text(yaml.safe_dump(paths))
+
+    run = snakemake(workdir, "--", *split)
+    assert run.returncode == 0, run.stderr[-5000:]
+    summary = json.loads((results / "annotations" / "summary.json").read_text())
+    assert summary["boxes_by_source"]["csv"] == 0 and summary["unusable_by_source"]["coco"] == 0
+    assert summary["boxes_by_source"]["coco"] == len(exported["annotations"]) > 0
+    from_coco = split_boxes(results)
+    assert from_sheet.keys() == from_coco.keys() and from_sheet
+    for key, boxes in from_sheet.items():
+        assert len(boxes) == len(from_coco[key]), key
+        for a, b in zip(boxes, from_coco[key]):
             assert np.allclose(a, b, atol=0.5), (key, a, b)

@@ -116,6 +116,24 @@ def test_a_box_given_by_two_sources_is_kept_once(tmp_path, sr_export):
     assert summary["unusable_by_reason"] == {"duplicate": len(truth)}
 
 
+def test_a_second_revision_of_a_report_is_listed_as_duplicate(tmp_path, sr_export):
+    """A viewer saves a new SR each time a reader saves; the PACS exports them all."""
+    import pydicom
+
+    root = tmp_path / "export"
+    shutil.copytree(sr_export, root)
+    report = next(path for path in (root / "DICOM").rglob("*") if path.is_file()
+                  and pydicom.dcmread(path, stop_before_pixels=True).Modality == "SR")
+    revision = pydicom.dcmread(report)
+    revision.SOPInstanceUID = revision.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    revision.save_as(report.with_name(report.name + "_revision"), enforce_file_format=True)
+    single, _, _ = import_annotations(sr_export, tmp_path / "single")
+    table, issues, _ = import_annotations(root, tmp_path / "out")
+    assert sorted(map(box_key, table)) == sorted(map(box_key, single))
+    duplicates = [issue for issue in issues if issue["reason"] == "duplicate"]
+    assert duplicates and all(issue["source_ref"].startswith(revision.SOPInstanceUID) for issue in duplicates)
+
+
 def test_regions_of_a_patient_outside_the_cohort_are_listed(tmp_path, sr_export):
     root = tmp_path / "export"
     shutil.copytree(sr_export, root)

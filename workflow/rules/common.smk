@@ -50,4 +50,5 @@ localrules:
     annotations,
     convert,
     deidentify,
+    annotation_export,
 

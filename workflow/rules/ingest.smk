@@ -34,6 +34,10 @@ rule annotations:
         # the SR and SEG objects are read where files.csv found them, in the export
         raw=config["raw"],
         sheet=config["annotations"] or [],
+        # boxes drawn in CVAT / Label Studio on exported slices, and a copy of that export's
+        # manifest (never annotation_export's own output: it comes after slices, a cycle)
+        coco=config["annotation_import"]["coco"] or [],
+        coco_manifest=config["annotation_import"]["coco_manifest"] or [],
     output:
         table=f"{RESTRICTED}/annotations/annotations.csv",
         issues=f"{RESTRICTED}/annotations/import_issues.csv",
@@ -47,11 +51,12 @@ rule annotations:
         config=verb_config("annotation_import", "classes"),
         out=lambda wildcards, output: Path(output.table).parent,
         sheet=lambda wildcards, input: f"--sheet {input.sheet}" if input.sheet else "",
+        coco=lambda wildcards, input: f"--coco {input.coco} --manifest {input.coco_manifest}" if input.coco else "",
     conda:
         "../../envs/preprocess.yaml"
     shell:
         "spinedet annotations --config {params.config:q} --files {input.files}"
-        " --cohort {input.cohort} {params.sheet} --out {params.out}"
+        " --cohort {input.cohort} {params.sheet} {params.coco} --out {params.out}"
         " --summary {output.summary} > {log} 2>&1"
 
 

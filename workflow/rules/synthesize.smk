@@ -14,7 +14,7 @@ if config["demo"]["enabled"]:
             linked_storage=directory(f"{config['demo']['out']}/linked_storage"),
         params:
             # the config sections the verb reads (a change reruns the rule)
-            config=verb_config("classes", "groups", "annotation_import"),
+            config=verb_config("classes", "groups", "annotation_import.finding_map"),
             out=lambda wildcards, output: Path(output.annotations).parent,
             patients=config["demo"]["patients"],
             matrix=config["demo"]["matrix"],

@@ -25,6 +25,8 @@ STAGES = {
     "deidentify": ("ingest.deidentify", "Pseudonymise patients, scrub sidecars, map annotations to voxel space."),
     "slices": ("dataset.slices", "Write canonical PNG slices and one COCO JSON per patient."),
     "split": ("dataset.split", "Patient-level stratified train/val/test split as COCO datasets."),
+    "export-for-annotation": ("dataset.export_for_annotation",
+                              "Pseudonymised slices + COCO for CVAT / Label Studio, and their DICOM transforms."),
     "train": ("detect.train", "Train one detector (resumable)."),
     "evaluate": ("study.evaluate",
                  "COCO metrics, FROC, bootstrap CIs and patient-level results on the test split."),

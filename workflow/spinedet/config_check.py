@@ -173,6 +173,7 @@ def check_semantics(config: dict, architectures: list[str], *, check_paths: bool
         _check_model(name, model, architectures, check_paths=check_paths)
     _check_study_models(config)
     _check_finding_map(config["annotation_import"]["finding_map"])
+    _check_coco_import(config)
 
 
 def _check_finding_map(finding_map: list[dict]) -> None:
@@ -187,6 +188,23 @@ def _check_finding_map(finding_map: list[dict]) -> None:
             except re.error as exc:
                 raise SpinedetError(f"config key '{key}.text': not a valid regular expression "
                                     f"{entry['text']!r}: {exc}") from None
+
+
+def _check_coco_import(config: dict) -> None:
+    """A COCO file needs its export's manifest, and a copy of it: the annotations rule
+    cannot read annotation_export's own output, which comes after slices."""
+    settings = config["annotation_import"]
+    if settings["coco"] is None:
+        return
+    manifest = settings["coco_manifest"]
+    if manifest is None:
+        raise SpinedetError("config key 'annotation_import.coco_manifest': missing; with annotation_import.coco "
+                            "set, give the manifest.csv of the export its images came from (a copy, e.g. "
+                            "restricted/labels/manifest.csv)")
+    if _same_path(manifest, Path(config["restricted"]) / "annotation_export" / "manifest.csv"):
+        raise SpinedetError(f"config key 'annotation_import.coco_manifest': {manifest} is what rule "
+                            "annotation_export writes, after the annotations rule has run; copy it beside the COCO "
+                            "file (e.g. restricted/labels/manifest.csv) and point coco_manifest at the copy")
 
 
 def _check_study_models(config: dict) -> None:

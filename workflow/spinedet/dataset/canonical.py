@@ -6,16 +6,19 @@ stored in any axis order, with any flips, or a few degrees oblique (the
 nearest axes are used), comes out the same: voxel axis 0 from the patient's
 left to right (the slice axis), axis 1 from superior to inferior (image
 rows), axis 2 from anterior to posterior (image columns). Shared by
-`spinedet slices` and `spinedet predict`.
+`spinedet slices`, `spinedet export-for-annotation` and `spinedet predict`,
+as are the slices' PNG file names and their writer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from PIL import Image
 
 from spinedet import SpinedetError
 
@@ -63,3 +66,14 @@ def window_to_uint8(data: np.ndarray, percentiles: list[float]) -> np.ndarray:
         return np.zeros(data.shape, dtype=np.uint8)
     scaled = (np.nan_to_num(data, nan=low) - low) / (high - low) * 255.0
     return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+def slice_file_name(pseudonym: str, slice_index: int, n_slices: int) -> str:
+    """`sub-<p>/sub-<p>_slice-KK.png`: the pseudonym and the canonical slice index only."""
+    digits = max(2, len(str(n_slices - 1)))
+    return f"sub-{pseudonym}/sub-{pseudonym}_slice-{slice_index:0{digits}d}.png"
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write an 8-bit grayscale PNG with no text or other metadata chunks."""
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(path, format="PNG")

@@ -66,11 +66,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from spinedet import SpinedetError, configure_logging
-from spinedet.dataset.canonical import to_canonical, window_to_uint8
+from spinedet.dataset.canonical import slice_file_name, to_canonical, window_to_uint8, write_png
 from spinedet.io import read_csv, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -168,16 +167,6 @@ def drop_reason(box: SliceBox, classes: list[str], n_slices: int, min_box_px: fl
     if box.x_max - box.x_min < min_box_px or box.y_max - box.y_min < min_box_px:
         return "smaller_than_min_box_px"
     return None
-
-
-def slice_file_name(pseudonym: str, slice_index: int, n_slices: int) -> str:
-    digits = max(2, len(str(n_slices - 1)))
-    return f"sub-{pseudonym}/sub-{pseudonym}_slice-{slice_index:0{digits}d}.png"
-
-
-def write_png(path: Path, pixels: np.ndarray) -> None:
-    """Write an 8-bit grayscale PNG with no text or other metadata chunks."""
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(path, format="PNG")
 
 
 def read_boxes(path: Path) -> dict:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError, __version__
 from spinedet.detect import engine
+from spinedet.ingest.dicom import InstanceLocator
 from spinedet.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -225,64 +226,6 @@ def check_spacing_and_matrix(volume, slices: np.ndarray, meta: dict) -> None:
             "slices are %dx%d px, the model was trained on %d px: it resizes them to that size",
             slices.shape[2], slices.shape[1], meta["image_size"],
         )
-
-
-# ---------------------------------------------------------------- geometry
-
-
-class InstanceLocator:
-    """Maps canonical slice boxes back to the DICOM image they lie on: an
-    instance, or one frame of a multi-frame instance."""
-
-    def __init__(self, files: list[dict], nifti_affine: np.ndarray, canonical_to_volume: np.ndarray):
-        from spinedet.ingest.dicom import image_planes
-        from spinedet.geometry import slice_normal
-
-        self.instances = [
-            {
-                "sop_instance_uid": f["sop_instance_uid"],
-                "instance_number": int(float(f["instance_number"])) if f["instance_number"] else None,
-                **plane,
-            }
-            for f in files for plane in image_planes(f)
-        ]
-        self.nifti_affine = np.asarray(nifti_affine, dtype=float)
-        self.canonical_to_volume = np.asarray(canonical_to_volume, dtype=float)
-        normal = slice_normal(self.instances[0]["iop"])
-        positions = np.sort([float(np.dot(normal, i["ipp"])) for i in self.instances])
-        gaps = np.diff(positions)
-        # A point belongs to an instance when it lies within half the slice spacing of its plane.
-        self.tolerance_mm = float(gaps[gaps > 0].min() / 2) if np.any(gaps > 0) else 1.0
-
-    def to_dicom(self, slice_index: int, box: list[float]) -> dict | None:
-        """The box on the DICOM instance holding canonical slice `slice_index`, or None."""
-        from spinedet.geometry import voxel_to_pixel
-
-        x_min, y_min, x_max, y_max = box
-        # Canonical voxel axes: 0 = slice, 1 = image row (y), 2 = image column (x); corners as pixel centres.
-        corners = np.array(
-            [[slice_index, y - 0.5, x - 0.5, 1.0] for x in (x_min, x_max) for y in (y_min, y_max)]
-        )
-        volume_voxels = (self.canonical_to_volume @ corners.T).T[:, :3]
-        best, best_offset, best_pixels = None, np.inf, None
-        for instance in self.instances:
-            pixels = voxel_to_pixel(
-                volume_voxels, instance["ipp"], instance["iop"], instance["pixel_spacing"], self.nifti_affine
-            )
-            offset = float(np.abs(pixels[:, 2]).max())
-            if offset < best_offset:
-                best, best_offset, best_pixels = instance, offset, pixels
-        if best is None or best_offset > self.tolerance_mm:
-            return None
-        return {
-            "sop_instance_uid": best["sop_instance_uid"],
-            "instance_number": best["instance_number"],
-            "frame_number": best["frame_number"],
-            "x_min": round(float(best_pixels[:, 0].min()) + 0.5, 3),
-            "y_min": round(float(best_pixels[:, 1].min()) + 0.5, 3),
-            "x_max": round(float(best_pixels[:, 0].max()) + 0.5, 3),
-            "y_max": round(float(best_pixels[:, 1].max()) + 0.5, 3),
-        }
 
 
 # ---------------------------------------------------------------- detection

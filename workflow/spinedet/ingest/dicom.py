@@ -5,6 +5,9 @@ attributes its geometry needs, a DICOMDIR, or quarantined with a reason from
 `spinedet.ingest.quarantine` and a detail a person can act on); `build_series`
 groups the image rows into series; `is_target` applies the `inventory:`
 rules to a series. Shared by the inventory and by `spinedet predict`.
+`InstanceLocator` finds the DICOM image (instance, or frame) a canonical
+slice lies on and maps canonical pixels onto its grid, for `spinedet
+predict` and `spinedet export-for-annotation`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from spinedet import SpinedetError
-from spinedet.geometry import orientation_label, slice_normal
+from spinedet.geometry import orientation_label, slice_normal, voxel_to_pixel
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -468,3 +471,98 @@ def series_rank(rules: dict):
 
     return lambda s: (preference(s), missing_slices(s) > 0, is_multi_volume(s), -int(s["n_slices"]),
                       series_number_key(s), s["series_uid"])
+
+
+# --------------------------------------------------------------------------
+# Canonical slices back on the DICOM images
+
+
+class InstanceLocator:
+    """Maps canonical slice coordinates back to the DICOM image they lie on: an
+    instance, or one frame of a multi-frame instance.
+
+    `files`: files.csv rows (or read_file rows) of the series' images;
+    `nifti_affine`: the affine of the volume the slices were cut from (voxel ->
+    RAS); `canonical_to_volume`: canonical voxel -> that volume's voxel
+    (inverse of CanonicalVolume.old_to_new). Canonical voxel axes: 0 = slice,
+    1 = image row (y), 2 = image column (x). Shared by `spinedet predict`
+    (detections back to DICOM) and `spinedet export-for-annotation` (the
+    manifest's transform of each exported slice).
+    """
+
+    def __init__(self, files: list[dict], nifti_affine: np.ndarray, canonical_to_volume: np.ndarray):
+        self.instances = [
+            {
+                "sop_instance_uid": f["sop_instance_uid"],
+                "instance_number": int(float(f["instance_number"])) if f["instance_number"] else None,
+                **plane,
+            }
+            for f in files for plane in image_planes(f)
+        ]
+        if not self.instances:
+            raise SpinedetError("no DICOM image to map canonical slices onto: the series has no usable file")
+        self.nifti_affine = np.asarray(nifti_affine, dtype=float)
+        self.canonical_to_volume = np.asarray(canonical_to_volume, dtype=float)
+        normal = slice_normal(self.instances[0]["iop"])
+        positions = np.sort([float(np.dot(normal, i["ipp"])) for i in self.instances])
+        gaps = np.diff(positions)
+        # A point belongs to an instance when it lies within half the slice spacing of its plane.
+        self.tolerance_mm = float(gaps[gaps > 0].min() / 2) if np.any(gaps > 0) else 1.0
+
+    def locate(self, slice_index: int, points) -> tuple[dict, np.ndarray] | None:
+        """(image, (N, 3) `(col, row, offset_mm)` index coordinates on it) of canonical
+        pixel-edge points `(x, y)` of slice `slice_index`: the image whose plane lies
+        nearest to all of them, or None when none lies within half the slice spacing."""
+        points = np.asarray(points, dtype=float).reshape(-1, 2)
+        # Points as index coordinates (edge - 0.5) of the canonical voxel grid.
+        canonical = np.column_stack([np.full(len(points), float(slice_index)), points[:, 1] - 0.5,
+                                     points[:, 0] - 0.5, np.ones(len(points))])
+        volume_voxels = (self.canonical_to_volume @ canonical.T).T[:, :3]
+        best, best_offset, best_pixels = None, np.inf, None
+        for instance in self.instances:
+            pixels = voxel_to_pixel(
+                volume_voxels, instance["ipp"], instance["iop"], instance["pixel_spacing"], self.nifti_affine
+            )
+            offset = float(np.abs(pixels[:, 2]).max())
+            if offset < best_offset:
+                best, best_offset, best_pixels = instance, offset, pixels
+        if best is None or best_offset > self.tolerance_mm:
+            return None
+        return best, best_pixels
+
+    def to_dicom(self, slice_index: int, box: list[float]) -> dict | None:
+        """The box [x_min, y_min, x_max, y_max] (canonical pixel edges) on the DICOM
+        image holding canonical slice `slice_index`, in its pixel edges; or None."""
+        x_min, y_min, x_max, y_max = box
+        found = self.locate(slice_index, [[x, y] for x in (x_min, x_max) for y in (y_min, y_max)])
+        if found is None:
+            return None
+        best, pixels = found
+        return {
+            "sop_instance_uid": best["sop_instance_uid"],
+            "instance_number": best["instance_number"],
+            "frame_number": best["frame_number"],
+            "x_min": round(float(pixels[:, 0].min()) + 0.5, 3),
+            "y_min": round(float(pixels[:, 1].min()) + 0.5, 3),
+            "x_max": round(float(pixels[:, 0].max()) + 0.5, 3),
+            "y_max": round(float(pixels[:, 1].max()) + 0.5, 3),
+        }
+
+    def pixel_transform(self, slice_index: int, width: int, height: int) -> tuple[dict, np.ndarray, float] | None:
+        """(image, 2x3 affine, residual px) taking canonical pixel edges (x, y) of slice
+        `slice_index` (a `width` x `height` image) to pixel edges of the DICOM image it
+        lies on: DICOM x = a11 x + a12 y + a13, DICOM y = a21 x + a22 y + a23. Fitted
+        by least squares to the image's four corners and centre mapped through the
+        geometry; `residual` is the largest distance (px) of a mapped point from the
+        fit. None when no image lies on the slice."""
+        points = np.array([[0, 0], [width, 0], [0, height], [width, height], [width / 2, height / 2]],
+                          dtype=float)
+        found = self.locate(slice_index, points)
+        if found is None:
+            return None
+        image, pixels = found
+        target = pixels[:, :2] + 0.5  # index coordinates -> pixel edges
+        design = np.column_stack([points, np.ones(len(points))])
+        solution, *_ = np.linalg.lstsq(design, target, rcond=None)
+        residual = float(np.abs(design @ solution - target).max())
+        return image, solution.T, residual
