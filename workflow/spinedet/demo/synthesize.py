@@ -301,8 +301,8 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
 
     `classes` name (herniation, cord injury) and `groups` name the (disc,
     injured, normal) groups, in that order. `annotation_format` (csv, sr, seg, or mixed:
-    patient i gets the (i mod 3)-th of csv, sr, seg) says how each patient's boxes are
-    handed over; `codes` gives each class's finding code for SR and SEG (default: the
+    the patients with lesions take csv, sr and seg in turn) says how each patient's boxes
+    are handed over; `codes` gives each class's finding code for SR and SEG (default: the
     config schema's finding_map).
     """
     if len(classes) != 2:
@@ -326,8 +326,12 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     enhanced = np.random.default_rng([seed, 0xE4]).random(patients) < enhanced_fraction
     if annotation_format not in (*ANNOTATION_FORMATS, "mixed"):
         raise SpinedetError(f"--annotation-format must be one of csv, sr, seg, mixed, got {annotation_format!r}")
-    formats = [ANNOTATION_FORMATS[index % 3] if annotation_format == "mixed" else annotation_format
-               for index in range(patients)]
+    # mixed: the patients with lesions take the three forms in turn (a patient without lesions has
+    # nothing to hand over, so it keeps the sheet's form, with no row in it)
+    with_lesions = [index for index in range(patients) if ROLES[int(assignment[index])] != "normal"]
+    turn = {index: k for k, index in enumerate(with_lesions)}
+    formats = [(ANNOTATION_FORMATS[turn[index] % 3] if index in turn else "csv") if annotation_format == "mixed"
+               else annotation_format for index in range(patients)]
     if codes is None:
         from spinedet.config import finding_codes, load
 
