@@ -202,7 +202,7 @@ def test_no_usable_annotation_is_a_clear_error(tmp_path, tmp_path_factory, caplo
         import_annotations(root, tmp_path)
     assert "no usable annotation in the sheet, SR or SEG objects" in caplog.text
     with pytest.raises(SpinedetError, match="missing column"):
-        from spinedet.ingest.annotations.sheet import read_annotations
+        from spinedet.ingest.annotation_sheet import read_annotations
 
         (tmp_path / "bad.csv").write_text("label,x_min\n")
         read_annotations(tmp_path / "bad.csv")

@@ -31,7 +31,7 @@ from spinedet.ingest.deidentify import (
     scrubbed_sidecar,
     subject_paths,
 )
-from spinedet.ingest.annotations.sheet import read_annotations
+from spinedet.ingest.annotation_sheet import read_annotations
 from spinedet.ingest.inventory import inventory
 from spinedet.demo.dicom_writer import write_series
 

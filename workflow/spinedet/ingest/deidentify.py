@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.ingest.annotations.sheet import COORDINATES, read_annotations
+from spinedet.ingest.annotation_sheet import COORDINATES, read_annotations
 from spinedet.ingest.dicom import image_planes
 from spinedet.geometry import GeometryError, pixel_box_to_voxel_box, volume_slice_axis
 from spinedet.io import read_csv, write_bytes, write_csv, write_json

@@ -33,7 +33,7 @@ from spinedet import SpinedetError
 from spinedet.ingest.annotations.coco import read_coco, read_manifest
 from spinedet.ingest.annotations.findings import ImportedBox, ImportIssue
 from spinedet.ingest.annotations.seg import read_segmentation
-from spinedet.ingest.annotations.sheet import COORDINATES, TABLE_COLUMNS, read_annotations
+from spinedet.ingest.annotation_sheet import COORDINATES, TABLE_COLUMNS, read_annotations
 from spinedet.ingest.annotations.sr import read_measurement_report
 from spinedet.io import read_csv, write_csv, write_json
 
