@@ -136,7 +136,7 @@ def normalised(token: str) -> str | None:
     if len(parts) < 2 or parts[0] not in TOP_LEVEL or parts[-1] in FILE_SUFFIXES:
         return None
     if not all(re.fullmatch(r"[a-z_<>][a-z0-9_<>-]*", part) for part in parts):
-        return None  # e.g. a module constant, deidentify.SIDECAR_ALLOWLIST
+        return None  # e.g. a module constant, deid_tree.SIDECAR_ALLOWLIST
     if parts[0] == "models":
         parts[1] = "<name>"
     return ".".join(parts)
@@ -194,7 +194,7 @@ def test_the_key_checks_see_a_wrong_key():
     assert normalised("models.resnet50.lr: 0.01") == "models.<name>.lr"
     assert normalised("train.threads") in KEYS and normalised("train.thread") not in KEYS
     assert normalised("cohort.csv") is None and normalised("results/report") is None
-    assert normalised("deidentify.SIDECAR_ALLOWLIST") is None
+    assert normalised("deid_tree.SIDECAR_ALLOWLIST") is None
     assert "resources.slices.threads" in ALL_KEYS and "models.<name>.detector_kwargs.rpn_nms_thresh" in ALL_KEYS
 
 

@@ -19,11 +19,9 @@ from spinedet import SpinedetError
 from spinedet.cli import main
 from spinedet.config import load
 from spinedet.ingest.convert import convert_all
-from spinedet.ingest.deidentify import (
+from spinedet.ingest.deid_tree import (
     KEY_FILE_NAME,
     SIDECAR_ALLOWLIST,
-    bids_suffix,
-    deidentify,
     load_or_create_key,
     pseudonym,
     pseudonymise,
@@ -31,6 +29,7 @@ from spinedet.ingest.deidentify import (
     scrubbed_sidecar,
     subject_paths,
 )
+from spinedet.ingest.deidentify import bids_suffix, deidentify
 from spinedet.ingest.annotation_sheet import read_annotations
 from spinedet.ingest.inventory import inventory
 from spinedet.demo.dicom_writer import write_series
@@ -129,7 +128,7 @@ def test_configured_key_file(tmp_path):
 
 
 def test_pseudonym_collision_is_an_error(monkeypatch):
-    monkeypatch.setattr("spinedet.ingest.deidentify.pseudonym", lambda key, pid, length: "abcdef")
+    monkeypatch.setattr("spinedet.ingest.deid_tree.pseudonym", lambda key, pid, length: "abcdef")
     with pytest.raises(SpinedetError, match="pseudonym_length"):
         pseudonymise(["a", "b"], b"k" * 32, 6)
 

@@ -1,14 +1,8 @@
 """`spinedet deidentify`: pseudonymise, scrub, and move annotations into voxel space.
 
-- Pseudonym = HMAC-SHA256(key, PatientID) in hex, cut to
-  `deidentify.pseudonym_length`. The key lives in restricted/ (generated
-  once, mode 0600) or in the configured `deidentify.key_file`; the same key
-  gives the same pseudonyms. The table patient_id -> pseudonym stays in
+- Pseudonyms, paths, scrubbed volumes: spinedet.ingest.deid_tree (HMAC of
+  the PatientID). The table patient_id -> pseudonym stays in
   restricted/pseudonyms.csv.
-- Output paths are built from the pseudonym only, never from an ID.
-- The NIfTI is rewritten with its text fields (descrip, aux_file, db_name,
-  intent_name, data_type) cleared and no extensions, gzip'd without a
-  time stamp or file name, so reruns are byte-identical. The affine is kept.
 - The sidecar keeps only an allowlist of acquisition parameters.
 - Each annotation (DICOM pixel box on one instance, or on one frame of a
   multi-frame instance) is mapped through the geometry of that image and
@@ -20,16 +14,9 @@
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import hmac
 import json
 import logging
-import os
 import re
-import secrets
-import shutil
-import stat
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,53 +26,22 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError
 from spinedet.ingest.annotation_sheet import COORDINATES, read_annotations
+from spinedet.ingest.deid_tree import (
+    PSEUDONYM_COLUMNS,
+    finish_tree,
+    load_or_create_key,
+    pseudonymise,
+    scrubbed_nifti_bytes,
+    scrubbed_sidecar,
+    subject_paths,
+    write_json_sorted,
+    write_subject_boxes,
+)
 from spinedet.ingest.dicom import image_planes
 from spinedet.geometry import GeometryError, pixel_box_to_voxel_box, volume_slice_axis
-from spinedet.io import read_csv, write_bytes, write_csv, write_json
+from spinedet.io import read_csv, write_bytes, write_csv
 
 log = logging.getLogger(__name__)
-
-KEY_FILE_NAME = "pseudonym.key"
-KEY_BYTES = 32
-PSEUDONYM_PATTERN = re.compile(r"[0-9a-zA-Z]+")
-
-# Acquisition parameters that say nothing about who, where or when.
-SIDECAR_ALLOWLIST = (
-    "Modality",
-    "MagneticFieldStrength",
-    "ImagingFrequency",
-    "Manufacturer",
-    "ManufacturersModelName",
-    "MRAcquisitionType",
-    "ScanningSequence",
-    "SequenceVariant",
-    "ScanOptions",
-    "PulseSequenceType",
-    "ImageType",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "EchoTime",
-    "RepetitionTime",
-    "InversionTime",
-    "FlipAngle",
-    "EchoTrainLength",
-    "PixelBandwidth",
-    "PercentPhaseFOV",
-    "PercentSampling",
-    "AcquisitionMatrixPE",
-    "ReconMatrixPE",
-    "PhaseEncodingSteps",
-    "InPlanePhaseEncodingDirectionDICOM",
-    "ImageOrientationPatientDICOM",
-    "ConversionSoftware",
-    "ConversionSoftwareVersion",
-)
-NIFTI_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type")
-
-PARTICIPANT_COLUMNS = ["pseudonym", "group"]
-PSEUDONYM_COLUMNS = ["patient_id", "pseudonym"]
-ISSUE_COLUMNS = ["pseudonym", "row", "label", "reason", "detail"]
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from spinedet.config import add_config_argument
@@ -103,47 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------
-# Pseudonyms
-
-
-def load_or_create_key(restricted: Path, key_file: str | Path | None = None) -> bytes:
-    """The HMAC key: from `key_file` (must exist), else restricted/pseudonym.key, created once."""
-    if key_file is not None:
-        path = Path(key_file)
-        if not path.is_file():
-            raise SpinedetError(f"pseudonym key file not found: {path} (--key-file, or config key "
-                                "'deidentify.key_file')")
-    else:
-        path = Path(restricted) / KEY_FILE_NAME
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "w") as fh:
-                fh.write(secrets.token_hex(KEY_BYTES) + "\n")
-            log.info("generated a new pseudonym key in the restricted folder")
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        log.warning("the pseudonym key file is readable by others: chmod 600 %s", path)
-    try:
-        key = bytes.fromhex(path.read_text().strip())
-    except ValueError:
-        raise SpinedetError(f"pseudonym key file {path} must hold one hexadecimal key") from None
-    if len(key) < 16:
-        raise SpinedetError(f"pseudonym key in {path} is too short: use at least 16 bytes (32 hex digits)")
-    return key
-
-
-def pseudonym(key: bytes, patient_id: str, length: int) -> str:
-    """HMAC-SHA256 of the PatientID, hex, first `length` characters."""
-    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
-
-
-def pseudonymise(patient_ids: list[str], key: bytes, length: int) -> dict[str, str]:
-    """{patient_id: pseudonym}; two patients sharing a pseudonym is an error."""
-    table = {pid: pseudonym(key, pid, length) for pid in patient_ids}
-    if len(set(table.values())) != len(table):
-        raise SpinedetError(f"two patients share a pseudonym of {length} characters: raise "
-                            "config key 'deidentify.pseudonym_length'")
-    return table
+# Series
 
 
 def bids_suffix(series_description: str) -> str:
@@ -153,52 +69,6 @@ def bids_suffix(series_description: str) -> str:
         if re.search(pattern, series_description or ""):
             return suffix
     return "MR"
-
-
-def subject_paths(out: Path, pseudo: str, suffix: str = "T2w") -> dict[str, Path]:
-    """Where a subject's files go. Only the pseudonym (alphanumeric) and the
-    sequence suffix enter the path."""
-    if not PSEUDONYM_PATTERN.fullmatch(pseudo):
-        raise ValueError(f"pseudonym must be alphanumeric, got {pseudo!r}")
-    subject = Path(out) / f"sub-{pseudo}"
-    return {
-        "dir": subject,
-        "nifti": subject / "anat" / f"sub-{pseudo}_{suffix}.nii.gz",
-        "sidecar": subject / "anat" / f"sub-{pseudo}_{suffix}.json",
-        "boxes": subject / f"sub-{pseudo}_boxes.json",
-    }
-
-
-# --------------------------------------------------------------------------
-# Volume and sidecar
-
-
-def scrubbed_nifti_bytes(source: Path) -> bytes:
-    """The volume as .nii.gz bytes with header text fields and extensions removed.
-
-    gzip gets no file name and mtime 0, so equal volumes give equal bytes.
-    """
-    image = nib.load(source)
-    header = image.header
-    for field in NIFTI_TEXT_FIELDS:
-        header[field] = b""
-    header.extensions.clear()
-    raw = image.to_bytes()
-    return gzip.compress(raw, compresslevel=6, mtime=0)
-
-
-def scrubbed_sidecar(source: Path, pixel_spacing: list[float] | None = None) -> dict:
-    """The allowlisted keys of a dcm2niix sidecar (+ PixelSpacing from the DICOM header)."""
-    with Path(source).open() as fh:
-        full = json.load(fh)
-    kept = {key: full[key] for key in SIDECAR_ALLOWLIST if key in full}
-    if pixel_spacing:
-        kept["PixelSpacing"] = list(pixel_spacing)
-    return kept
-
-
-def _write_json(path: Path, content) -> None:
-    write_json(path, content, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------
@@ -381,7 +251,7 @@ def deidentify(conversions: list[dict], file_rows: list[dict], selection: list[d
                                 "in files.csv: rerun inventory and convert")
         paths = subject_paths(out, pseudonyms[patient_id], bids_suffix(first["series_description"]))
         write_bytes(paths["nifti"], scrubbed_nifti_bytes(Path(conversion["nifti"])))
-        _write_json(paths["sidecar"], scrubbed_sidecar(Path(conversion["sidecar"]),
+        write_json_sorted(paths["sidecar"], scrubbed_sidecar(Path(conversion["sidecar"]),
                                                        json.loads(first["pixel_spacing"])))
         image = nib.load(conversion["nifti"])
         iop = json.loads(first["image_orientation"])
@@ -411,21 +281,9 @@ def deidentify(conversions: list[dict], file_rows: list[dict], selection: list[d
 
     for volume in volumes.values():
         patient_id = volume["patient_id"]
-        pseudo = pseudonyms[patient_id]
-        _write_json(subject_paths(out, pseudo)["boxes"], {
-            "pseudonym": pseudo,
-            "group": groups[patient_id],
-            "slice_axis": volume["slice_axis"],
-            "boxes": boxes.get(patient_id, []),
-        })
-
-    participants.sort(key=lambda p: p["pseudonym"])
-    current = {f"sub-{p['pseudonym']}" for p in participants}
-    for stale in out.glob("sub-*"):
-        if stale.is_dir() and stale.name not in current:
-            shutil.rmtree(stale)
-    write_csv(out / "participants.csv", participants, PARTICIPANT_COLUMNS)
-    write_csv(out / "annotation_issues.csv", issues, ISSUE_COLUMNS)
+        write_subject_boxes(out, pseudonyms[patient_id], groups[patient_id], volume["slice_axis"],
+                            boxes.get(patient_id, []))
+    finish_tree(out, participants, issues)
     return {"participants": len(participants), "boxes": sum(len(b) for b in boxes.values()),
             "issues": len(issues)}
 
