@@ -35,7 +35,16 @@ except SpinedetError as exc:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synthesize.smk"
-include: "workflow/rules/ingest.smk"
+# A hospital DICOM export, or a BIDS dataset with label masks (raw_format).
+if config["raw_format"] == "bids":
+
+    include: "workflow/rules/bids.smk"
+
+else:
+
+    include: "workflow/rules/ingest.smk"
+
+
 include: "workflow/rules/slices.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/train.smk"
@@ -44,7 +53,12 @@ include: "workflow/rules/speed.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/cv.smk"
 include: "workflow/rules/report.smk"
-include: "workflow/rules/annotation_export.smk"
+
+
+# exported slices for CVAT / Label Studio go back to DICOM: DICOM exports only
+if config["raw_format"] == "dicom":
+
+    include: "workflow/rules/annotation_export.smk"
 
 
 rule all:

@@ -96,6 +96,8 @@ def config_keys(value, prefix=""):
                 for model in child.values():
                     yield from config_keys(model, "models.*")
                 continue
+            if key == "bids.label_map":  # a mapping of the user's label names
+                continue
             yield from config_keys(child, child_prefix)
 
 
@@ -434,3 +436,25 @@ def test_the_real_study_override_marks_what_to_set_and_dry_runs_on_a_real_export
     recipe = inline_config(train)["models"]["resnet50"]
     assert recipe["pretrained"] == "imagenet" and recipe["crop_size"] is None and recipe["lr"] == 0.005
     assert recipe["anchor_sizes"][0] == [16] and recipe["sampler"] == "uniform"
+
+
+def test_raw_format_bids_takes_its_boxes_from_masks_and_may_take_its_cohort_from_participants():
+    bids_demo = {"raw_format": "bids", "raw": "resources/demo_export/BIDS", "annotations": None, "cohort": None,
+                 "demo": {"export_format": "bids"}}
+    assert checked(bids_demo)["bids"]["suffix"] == "T2w"
+    assert "set annotations: null" in error_of({**bids_demo, "annotations": "resources/demo_export/annotations.csv"})
+    assert "needs raw_format bids" in error_of({**bids_demo, "raw_format": "dicom", "cohort": "x.csv"})
+    assert "with demo.enabled the synthesizer writes resources/demo_export/BIDS" in error_of(
+        {**bids_demo, "raw": "resources/demo_export/DICOM"})
+    assert "a DICOM export needs a cohort sheet" in error_of({"cohort": None})
+    assert "config key 'bids.suffix'" in error_of({**bids_demo, "bids": {"suffix": "T2w.nii"}})
+    assert "BIDS dataset must exist" in str(pytest.raises(SpinedetError, check_config, {
+        **study_config(), **bids_demo, "raw": "/no/such/bids", "demo": {"enabled": False}}, SCHEMA_PATH,
+        check_paths=True).value)
+
+
+def test_the_bids_smoke_override_is_a_valid_study():
+    with (REPO / "config" / "smoke-bids.yaml").open() as fh:
+        bids = yaml.safe_load(fh)
+    config = checked(bids, deep_merge(study_config(), smoke_config()))
+    assert config["raw_format"] == "bids" and config["demo"]["export_format"] == "bids"

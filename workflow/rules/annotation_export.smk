@@ -1,12 +1,13 @@
 # On demand, not part of rule all: the study's slices, pseudonymised, with their boxes
 # as pre-annotations, for CVAT or Label Studio (`snakemake annotation_export`). The
 # manifest that takes the boxes drawn there back to DICOM carries identity: it stays in
-# restricted/, and the rule reads restricted inputs, so it is a localrule (common.smk).
+# restricted/, and the rule reads restricted inputs, so it is a localrule. DICOM exports only.
 # `spinedet annotations` reads a copy of the manifest (annotation_import.coco_manifest),
 # never this output: it runs before slices, so reading it here would close a cycle.
 
 
 rule annotation_export:
+    localrule: True
     input:
         deid=rules.deidentify.output.deid,
         pseudonyms=rules.deidentify.output.pseudonyms,

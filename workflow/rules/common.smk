@@ -43,12 +43,6 @@ def verb_config(*sections, models=None):
 # the demo export's own key, else none (deidentify makes restricted/pseudonym.key once).
 PSEUDONYM_KEY = pseudonym_key_file(config)
 
-# Rules that read PHI run on the submitting host, never on compute nodes
-# (synthesize too, with `localrule: True` in its own file: it exists only with the demo).
-localrules:
-    inventory,
-    annotations,
-    convert,
-    deidentify,
-    annotation_export,
-
+# Rules that read PHI run on the submitting host, never on compute nodes. Each
+# marks itself `localrule: True` in its own file: which rules exist depends on
+# raw_format (and demo.enabled), and a localrules list naming an absent rule warns.

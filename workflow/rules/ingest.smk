@@ -1,8 +1,9 @@
-# Inventory, conversion and de-identification read PHI: they are localrules
-# (common.smk) and write identity only under restricted/.
+# raw_format dicom. Inventory, conversion and de-identification read PHI: they are
+# localrules and write identity only under restricted/.
 
 
 rule inventory:
+    localrule: True
     input:
         raw=config["raw"],
         cohort=config["cohort"],
@@ -28,6 +29,7 @@ rule inventory:
 
 
 rule annotations:
+    localrule: True
     input:
         files=rules.inventory.output.files,
         cohort=config["cohort"],
@@ -61,6 +63,7 @@ rule annotations:
 
 
 rule convert:
+    localrule: True
     input:
         series=rules.inventory.output.series,
         selection=rules.inventory.output.selection,
@@ -82,6 +85,7 @@ rule convert:
 
 
 rule deidentify:
+    localrule: True
     input:
         conversions=rules.convert.output.conversions,
         files=rules.inventory.output.files,
@@ -111,3 +115,8 @@ rule deidentify:
         " --conversions {input.conversions} --files {input.files}"
         " --selection {input.selection} --annotations {input.annotations}"
         " --restricted {params.restricted} {params.key} --out {output.deid} > {log} 2>&1"
+
+
+# What the stages after de-identification read, whichever ingest made it.
+DEID_TREE = rules.deidentify.output.deid
+INVENTORY_SUMMARY = rules.inventory.output.summary

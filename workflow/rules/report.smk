@@ -9,8 +9,8 @@ rule report:
         cv_summary=rules.cv.output.summary if FOLDS else [],
         group_counts=rules.split.output.group_counts,
         test=rules.split.output.test,
-        inventory=rules.inventory.output.summary,
-        deid=rules.deidentify.output.deid,
+        inventory=INVENTORY_SUMMARY,
+        deid=DEID_TREE,
     output:
         html=report(
             f"{RESULTS}/report/report.html",

@@ -1,6 +1,6 @@
 rule slices:
     input:
-        deid=rules.deidentify.output.deid,
+        deid=DEID_TREE,
     output:
         slices=directory(f"{RESULTS}/slices"),
     log:

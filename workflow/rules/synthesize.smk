@@ -7,7 +7,8 @@ if config["demo"]["enabled"]:
             # the sheet: every box, or with demo.annotation_format sr, seg or mixed those of
             # the csv patients (the others' boxes are SR or SEG objects in the export)
             annotations=f"{config['demo']['out']}/annotations.csv",
-            cohort=config["cohort"],
+            # written in every case; a BIDS demo's groups are also in its participants.tsv
+            cohort=f"{config['demo']['out']}/cohort.csv",
             preview=f"{config['demo']['out']}/preview.png",
             key=f"{config['demo']['out']}/pseudonym.key",
             faults=f"{config['demo']['out']}/faults.csv",
@@ -22,6 +23,7 @@ if config["demo"]["enabled"]:
             enhanced=config["demo"]["enhanced_fraction"],
             faults="--faults" if config["demo"]["faults"] else "",
             annotation_format=config["demo"]["annotation_format"],
+            export_format=config["demo"]["export_format"],
         threads: 8  # patients written in parallel; snakemake caps it at --cores
         log:
             f"{LOGS}/synthesize.log",
@@ -32,5 +34,6 @@ if config["demo"]["enabled"]:
         shell:
             "spinedet synthesize --out {params.out} --patients {params.patients}"
             " --matrix {params.matrix} --seed {params.seed} --enhanced-fraction {params.enhanced}"
-            " --annotation-format {params.annotation_format} --preview {output.preview}"
+            " --annotation-format {params.annotation_format} --export-format {params.export_format}"
+            " --preview {output.preview}"
             " --config {params.config:q} --workers {threads} {params.faults} > {log} 2>&1"

@@ -23,6 +23,8 @@ STAGES = {
                     "One table of every annotation: the sheet, the export's DICOM SR and SEG objects."),
     "convert": ("ingest.convert", "Convert the selected series to NIfTI with dcm2niix (stays in restricted/)."),
     "deidentify": ("ingest.deidentify", "Pseudonymise patients, scrub sidecars, map annotations to voxel space."),
+    "bids-import": ("ingest.bids_import",
+                    "A BIDS dataset with label masks (raw_format bids): pseudonymised volumes and voxel boxes."),
     "slices": ("dataset.slices", "Write canonical PNG slices and one COCO JSON per patient."),
     "split": ("dataset.split", "Patient-level stratified train/val/test split as COCO datasets."),
     "export-for-annotation": ("dataset.export_for_annotation",

@@ -160,6 +160,7 @@ def check_semantics(config: dict, architectures: list[str], *, check_paths: bool
     """The rules JSON Schema cannot express; `config` is schema-valid and complete."""
     _check_split(config["split"])
     _check_folders(config)
+    _check_raw_format(config)
     _check_demo_paths(config)
     if check_paths:
         _check_inputs_exist(config)
@@ -245,15 +246,31 @@ def _check_demo_paths(config: dict) -> None:
     if not config["demo"]["enabled"]:
         return
     out = Path(config["demo"]["out"])
-    expected = {"raw": out / "DICOM", "annotations": out / "annotations.csv", "cohort": out / "cohort.csv"}
+    bids = config["demo"]["export_format"] == "bids"
+    if bids != (config["raw_format"] == "bids"):
+        raise SpinedetError(f"config key 'raw_format': demo.export_format {config['demo']['export_format']} "
+                            f"needs raw_format {config['demo']['export_format']}, got {config['raw_format']}")
+    expected = {"raw": out / ("BIDS" if bids else "DICOM"), "annotations": out / "annotations.csv",
+                "cohort": out / "cohort.csv"}
     for key, path in expected.items():
-        if key == "annotations" and config[key] is None:
-            continue  # the demo's SR and SEG objects alone
+        if key in ("annotations", "cohort") and config[key] is None:
+            continue  # the demo's SR and SEG objects alone; a BIDS demo's participants.tsv
         if not _same_path(config[key], path):
             raise SpinedetError(
                 f"config key '{key}': with demo.enabled the synthesizer writes {path}, "
                 f"but {key} is {config[key]}; point {key} there or set demo.enabled: false"
             )
+
+
+def _check_raw_format(config: dict) -> None:
+    """A BIDS dataset brings its boxes as masks and may bring its cohort as participants.tsv."""
+    if config["raw_format"] == "bids":
+        if config["annotations"] is not None:
+            raise SpinedetError("config key 'annotations': with raw_format bids the boxes come from the label "
+                                "masks under bids.derivatives; set annotations: null")
+    elif config["cohort"] is None:
+        raise SpinedetError("config key 'cohort': a DICOM export needs a cohort sheet (null is for raw_format "
+                            "bids, whose participants.tsv holds the groups)")
 
 
 def _check_inputs_exist(config: dict) -> None:
@@ -263,7 +280,7 @@ def _check_inputs_exist(config: dict) -> None:
     if not raw.is_dir():
         raise SpinedetError(
             f"config key 'raw': folder not found: {raw} (demo.enabled is false, "
-            "so the raw DICOM export must exist)"
+            f"so the raw {'BIDS dataset' if config['raw_format'] == 'bids' else 'DICOM export'} must exist)"
         )
     for key in ("annotations", "cohort"):
         if config[key] is None:  # annotations: null, the export's SR and SEG objects alone

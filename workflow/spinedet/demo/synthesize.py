@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from spinedet import SpinedetError, silence_dicom_libraries
-from spinedet.demo import phantom
+from spinedet.demo import bids_writer, phantom
 from spinedet.demo.dicom_writer import (
     TARGET_DESCRIPTION,
     display_window,
@@ -118,7 +118,8 @@ def _target_geometry(rng: np.random.Generator, anatomy: phantom.Anatomy, matrix:
 
 def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: str, labels: tuple[str, str],
                        matrix: int, enhanced: bool = False, annotation_format: str = "csv",
-                       codes: dict[str, tuple[str, str, str]] | None = None) -> PatientResult:
+                       codes: dict[str, tuple[str, str, str]] | None = None,
+                       export_format: str = "dicom") -> PatientResult:
     """Draw and write one patient's study under root/DICOM; return its annotations and truth.
 
     With `enhanced`, its sagittal and axial series are written as Enhanced MR (one
@@ -126,6 +127,8 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
     `annotation_format` csv: the boxes go to the sheet; sr: a TID 1500 measurement
     report beside the images instead; seg: a segmentation of the lesion masks instead
     (the returned annotations hold every box in each case). `codes`: each label's finding code (config.finding_codes).
+    `export_format` bids: only the sagittal T2, as NIfTI under root/BIDS with its lesion masks as dseg
+    (spinedet.demo.bids_writer); the same draws, so the same patients as the DICOM export.
     """
     rng = np.random.default_rng([seed, index])
     identity = fake_identity(rng, index)
@@ -152,6 +155,10 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
     else:
         raise SpinedetError(f"patient {index}: could not place lesions with separate boxes")
 
+    if export_format == "bids":
+        preview = preview_slice(volume, geometry, anatomy, lesions, boxes)
+        return _bids_patient(root, index, group, identity, lesions, volume, masks, boxes, geometry, protocol,
+                             classes=labels, preview=preview)
     namer = lambda kind: file_namer(style, index + 1, series_numbers[kind])  # noqa: E731
     dicom = root / "DICOM"
     minutes = {kind: 1.5 + 4.0 * series_numbers[kind] for kind in series_numbers}
@@ -198,6 +205,38 @@ def synthesize_patient(root: Path, *, seed: int, index: int, group: str, role: s
     }
     return PatientResult(identity["PatientID"], group, annotations, truth, preview_image, preview_boxes, files,
                          annotation_format)
+
+
+def _bids_patient(root: Path, index: int, group: str, identity: dict, lesions, volume: np.ndarray, masks: np.ndarray,
+                  boxes, geometry: SeriesGeometry, protocol: dict, classes: Sequence[str], preview) -> PatientResult:
+    """Write the patient into root/BIDS. Its boxes (truth) name the spatial slice k as
+    instance_number k + 1 and no UIDs: a BIDS dataset has none."""
+    subject = identity["PatientID"]  # digits: a valid BIDS label, as a site's own subject codes are
+    labels = [lesion.label for lesion in lesions]
+    sidecar = {"Modality": "MR", "MagneticFieldStrength": 1.5, "EchoTime": float(protocol["T2_SAG"]["EchoTime"]) / 1000,
+               "RepetitionTime": float(protocol["T2_SAG"]["RepetitionTime"]) / 1000,
+               "SliceThickness": geometry.thickness, "ConversionSoftware": "spinedet synthesize"}
+    files = bids_writer.write_subject(root / bids_writer.BIDS_FOLDER, subject, index, volume, masks, labels, classes,
+                                      geometry, sidecar)
+    annotations = [{"study_uid": "", "series_uid": "", "sop_instance_uid": "", "instance_number": k + 1,
+                    "frame_number": "", "label": lesions[lesion_index].label,
+                    "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
+                   for lesion_index, k, (x0, y0, x1, y1) in boxes]
+    truth = {
+        "labels": np.array(labels, dtype=str),
+        "kinds": np.array([lesion.kind for lesion in lesions], dtype=str),
+        "levels": np.array([lesion.level for lesion in lesions], dtype=str),
+        "masks": masks,
+        "instance_numbers": np.arange(1, geometry.n_slices + 1),
+        "sop_instance_uids": np.array([""] * geometry.n_slices, dtype=str),
+        "ipp_first": geometry.ipp_first,
+        "iop": geometry.iop,
+        "pixel_spacing": np.array(geometry.pixel_spacing),
+        "slice_step": np.array(geometry.slice_step),
+        "study_uid": np.array(""),
+        "series_uid": np.array(""),
+    }
+    return PatientResult(subject, group, annotations, truth, *preview, files, "bids")
 
 
 # Series numbers of the annotation objects: after every image series of the study.
@@ -291,7 +330,7 @@ def _write_distractors(dicom: Path, rng, anatomy, lesions, target: SeriesGeometr
 def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequence[str] = DEFAULT_CLASSES,
                groups: Sequence[str] = DEFAULT_GROUPS, preview: Path | None = None, workers: int = 1,
                enhanced_fraction: float = 0.0, annotation_format: str = "csv",
-               codes: dict[str, tuple[str, str, str]] | None = None) -> dict:
+               codes: dict[str, tuple[str, str, str]] | None = None, export_format: str = "dicom") -> dict:
     """Write the export under `out` (DICOM/, annotations.csv, cohort.csv, truth/, pseudonym.key) and
     return a PHI-free summary.
 
@@ -303,7 +342,8 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     injured, normal) groups, in that order. `annotation_format` (csv, sr, seg, or mixed:
     the patients with lesions take csv, sr and seg in turn) says how each patient's boxes
     are handed over; `codes` gives each class's finding code for SR and SEG (default: the
-    config schema's finding_map).
+    config schema's finding_map). `export_format` bids writes the same patients' sagittal T2
+    and lesion masks as a BIDS dataset under `out`/BIDS instead of the DICOM export.
     """
     if len(classes) != 2:
         raise SpinedetError(f"synthesize needs exactly two classes (herniation, cord injury), got {list(classes)}")
@@ -314,8 +354,11 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     if matrix < 64:
         raise SpinedetError(f"--matrix must be at least 64, got {matrix}")
     out = Path(out)
-    if (out / "DICOM").exists() and any((out / "DICOM").iterdir()):
-        raise SpinedetError(f"{out / 'DICOM'} already holds files; remove it or choose another --out")
+    if export_format not in ("dicom", "bids"):
+        raise SpinedetError(f"--export-format must be dicom or bids, got {export_format!r}")
+    raw = out / ("DICOM" if export_format == "dicom" else bids_writer.BIDS_FOLDER)
+    if raw.exists() and any(raw.iterdir()):
+        raise SpinedetError(f"{raw} already holds files; remove it or choose another --out")
     counts = group_counts(patients, groups)
     assignment = np.repeat(np.arange(len(groups)), list(counts.values()))
     assignment = np.random.default_rng([seed, 0xC0 + 0x40]).permutation(assignment)
@@ -343,7 +386,8 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
     jobs = [
         {"root": out, "seed": seed, "index": index, "group": groups[int(assignment[index])],
          "role": ROLES[int(assignment[index])], "labels": tuple(classes), "matrix": matrix,
-         "enhanced": bool(enhanced[index]), "annotation_format": formats[index], "codes": codes}
+         "enhanced": bool(enhanced[index]), "annotation_format": formats[index], "codes": codes,
+         "export_format": export_format}
         for index in range(patients)
     ]
     # Each patient draws from its own generator (seed, index), so the files do
@@ -356,6 +400,8 @@ def synthesize(out: Path, patients: int, matrix: int, seed: int, classes: Sequen
         with multiprocessing.get_context("spawn").Pool(workers, initializer=silence_dicom_libraries) as pool:
             results = list(progress(pool.imap(_synthesize_job, jobs)))
 
+    if export_format == "bids":
+        bids_writer.write_dataset_files(raw, [(r.patient_id, r.group) for r in results], classes)
     write_csv(out / "annotations.csv", [row for result in results if result.annotation_format == "csv"
                                         for row in result.annotations], ANNOTATION_COLUMNS)
     write_csv(out / "cohort.csv", [{"patient_id": result.patient_id, "group": result.group} for result in results],
@@ -420,6 +466,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotation-format", choices=[*ANNOTATION_FORMATS, "mixed"], default="csv",
                         help="how the boxes are handed over: the annotations.csv sheet, a TID 1500 SR or a SEG per "
                              "patient in the export, or mixed (default csv)")
+    parser.add_argument("--export-format", choices=["dicom", "bids"], default="dicom",
+                        help="dicom: the DICOM export under --out/DICOM (default); bids: the same patients' sagittal "
+                             "T2 and lesion masks (dseg) as a BIDS dataset under --out/BIDS")
     parser.add_argument("--faults", action="store_true",
                         help="also write the fault corpus (DICOM/FAULTS/, listed in faults.csv)")
 
@@ -437,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
             codes = finding_codes(config)
     summary = synthesize(args.out, args.patients, args.matrix, args.seed, classes=classes, groups=groups,
                          preview=args.preview, workers=args.workers, enhanced_fraction=args.enhanced_fraction,
-                         annotation_format=args.annotation_format, codes=codes)
+                         annotation_format=args.annotation_format, codes=codes, export_format=args.export_format)
     faults = write_faults(args.out, args.seed, normal_group=groups[2], codes=codes) if args.faults else []
     log.info("fault corpus: %d cases (faults.csv)", len(faults))
     log.info("groups: %s; lesions: %s", summary["groups"], summary["lesions"])
