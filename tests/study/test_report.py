@@ -558,3 +558,12 @@ def test_the_methods_say_plainly_when_the_validation_split_is_one_patient():
     assert "The validation split holds a single patient" in validation_caveat(one)
     assert "There is no validation split" in validation_caveat({**one, "totals": [12, 0, 4]})
     assert validation_caveat({**one, "totals": [12, 3, 4]}) == ""
+
+
+def test_a_proportion_without_patients_is_not_estimable_and_says_why():
+    from spinedet.study.report_tables import proportion_cell
+
+    empty = {"value": None, "ci95": None, "k": 0, "n": 0}
+    assert proportion_cell(empty, "lesion-free patients")["text"] == (
+        "not estimable (no lesion-free patients in the test split)")
+    assert proportion_cell({"value": 0.5, "ci95": [0.1, 0.9], "k": 1, "n": 2})["text"].startswith("50.0 (1/2)")

@@ -3,7 +3,7 @@ if config["demo"]["enabled"]:
     rule synthesize:
         localrule: True
         output:
-            dicom=directory(config["raw"]),
+            export=directory(config["raw"]),  # the DICOM tree, or with demo.export_format bids the BIDS dataset
             # the sheet: every box, or with demo.annotation_format sr, seg or mixed those of
             # the csv patients (the others' boxes are SR or SEG objects in the export)
             annotations=f"{config['demo']['out']}/annotations.csv",

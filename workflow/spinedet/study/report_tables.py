@@ -342,10 +342,12 @@ def cv_rows(path: Path | None, classes: list[str]) -> list[dict]:
             for row in read_csv(path)]
 
 
-def proportion_cell(entry: dict) -> dict:
-    """A patient proportion: "83.3 (5/6)" with its 95 % score interval as detail."""
+def proportion_cell(entry: dict, patients: str = "patients with a lesion") -> dict:
+    """A patient proportion: "83.3 (5/6)" with its 95 % score interval as detail; without a
+    patient to count (a study where every patient has lesions has no specificity) it is
+    not estimable, and says why."""
     if entry["value"] is None:
-        return cell("n/a (0 patients)")
+        return cell(f"not estimable (no {patients} in the test split)")
     low, high = entry["ci95"]
     return cell(f"{percent(entry['value'])} ({entry['k']}/{entry['n']})", f"{percent(low)}–{percent(high)}")
 
@@ -376,7 +378,7 @@ def patient_rows(models: list[dict], classes: list[str]) -> list[dict]:
                 "lesions": label,
                 "sensitivity_iou10": proportion_cell(entry["sensitivity_iou10"]),
                 "sensitivity_iou50": proportion_cell(entry["sensitivity_iou50"]),
-                "specificity": proportion_cell(entry["specificity"]),
+                "specificity": proportion_cell(entry["specificity"], "lesion-free patients"),
                 "confusion": f"{confusion['tp']} / {confusion['fn']} / {confusion['tn']} / {confusion['fp']}",
             })
     return rows
