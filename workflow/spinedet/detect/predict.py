@@ -14,10 +14,18 @@ Output in --out:
   pixel coordinates (column, row) of the source instance, with its
   SOPInstanceUID and InstanceNumber (and the frame number, for a frame of
   an Enhanced MR instance; null otherwise).
-- overlays/slice-KK.png: every slice with its boxes and scores.
+- detections_sr.dcm (DICOM input with at least one detection): the same
+  detections as a DICOM SR (TID 1500 Measurement Report, Comprehensive 3D
+  SR) that PACS viewers draw; see spinedet.detect.detection_sr.
+- overlays/slice-KK.png: every slice with its boxes and scores (not with
+  --sr-only).
+
+With --dicomweb, the studies come from a DICOMweb server and each gets its
+own folder under --out (spinedet.detect.dicomweb).
 
 This is clinical output for the patient's record, not a study result: it
-may carry DICOM UIDs, so keep it out of results/.
+carries DICOM UIDs (the SR also the patient's name and ID), so keep it out of
+results/.
 """
 
 from __future__ import annotations
@@ -60,12 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_config_argument(parser)
     parser.add_argument("--weights", required=True, type=Path, help="best.pt written by spinedet train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="DICOM series (or study) folder, or a .nii/.nii.gz volume")
+    source.add_argument("--dicomweb", metavar="URL",
+                        help="DICOMweb server root (e.g. http://pacs:8042/dicom-web): predict on its studies "
+                             "given by --study-uid or --studies")
     parser.add_argument(
-        "--input", required=True, type=Path, help="DICOM series (or study) folder, or a .nii/.nii.gz volume"
-    )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="output folder (detections.json, overlays/); may hold UIDs"
-    )
+        "--out", required=True, type=Path,
+        help="output folder (detections.json, detections_sr.dcm, overlays/); holds UIDs and patient identity")
     parser.add_argument(
         "--metrics", type=Path, default=None,
         help="the study's eval/MODEL/metrics.json: keep detections at the patient-level operating point "
@@ -79,6 +89,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run on a volume acquired axially or coronally (refused by default: the detectors "
                              "were trained on sagittal slices, and its sagittal reformats are as coarse as its "
                              "slice thickness)")
+    parser.add_argument("--sr-only", action="store_true",
+                        help="write detections.json and the DICOM SR, no overlay PNGs (batch use)")
+    web = parser.add_argument_group("DICOMweb (with --dicomweb)")
+    web.add_argument("--study-uid", action="append", default=[], metavar="UID",
+                     help="StudyInstanceUID of a study to predict on (repeat for several)")
+    web.add_argument("--studies", type=Path, default=None, metavar="FILE",
+                     help="a text file of StudyInstanceUIDs, one per line (# comments allowed)")
+    web.add_argument("--store", action="store_true",
+                     help="store each study's SR back into the study on the server (STOW-RS)")
+    web.add_argument("--token-env", metavar="NAME", default=None,
+                     help="environment variable holding a bearer token for the server")
+    web.add_argument("--user-env", metavar="NAME", default=None,
+                     help="environment variable holding the user name (HTTP basic authentication)")
+    web.add_argument("--password-env", metavar="NAME", default=None,
+                     help="environment variable holding the password (HTTP basic authentication)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,11 +112,29 @@ def run(args: argparse.Namespace) -> int:
     config = load(args.config)
     threshold, source = choose_score_threshold(args.score_threshold, args.metrics)
     log.info("score threshold %.3f (%s)", threshold, source)
+    expected_model = None if args.metrics is None else read_json(args.metrics).get("model")
+    if args.dicomweb:
+        from spinedet.detect import dicomweb
+
+        return dicomweb.run(args, config, threshold, source, expected_model)
+    web_only = [flag for flag, value in (("--study-uid", args.study_uid), ("--studies", args.studies),
+                                         ("--store", args.store)) if value]
+    if web_only:
+        raise SpinedetError(f"{', '.join(web_only)} need --dicomweb URL")
     result = predict(config, args.weights, args.input, args.out, threshold, args.threads,
                      allow_non_sagittal=args.allow_non_sagittal, threshold_source=source,
-                     expected_model=None if args.metrics is None else read_json(args.metrics).get("model"))
+                     expected_model=expected_model, sr_only=args.sr_only)
     log.info("%d detections on %d slices; see %s", len(result["detections"]), result["input"]["slices"], args.out)
     return 0
+
+
+def refuse_results_out(config: dict, out: Path) -> None:
+    """predict's output identifies the study: never inside the study's results folder."""
+    if config.get("results") and Path(out).resolve().is_relative_to(Path(config["results"]).resolve()):
+        raise SpinedetError(
+            f"--out {out} lies inside the study's results folder {config['results']}: predictions may "
+            "carry DICOM UIDs, which must never enter results/; choose another folder"
+        )
 
 
 def choose_score_threshold(given: float | None, metrics_path: Path | None) -> tuple[float, str]:
@@ -281,18 +324,16 @@ def predict(
     allow_non_sagittal: bool = False,
     threshold_source: str = "given",
     expected_model: str | None = None,
+    sr_only: bool = False,
 ) -> dict:
     """Run the verb; returns what detections.json holds. `model`/`meta` skip loading `weights`.
-    `expected_model`: the model the threshold's metrics.json evaluated, which the weights must be."""
+    `expected_model`: the model the threshold's metrics.json evaluated, which the weights must be.
+    `sr_only`: no overlays (DICOM input only)."""
     from spinedet.detect.models import load_trained
     from spinedet.detect.models import resolve_device
 
     input_path, out = Path(input_path), Path(out)
-    if config.get("results") and out.resolve().is_relative_to(Path(config["results"]).resolve()):
-        raise SpinedetError(
-            f"--out {out} lies inside the study's results folder {config['results']}: predictions may "
-            "carry DICOM UIDs, which must never enter results/; choose another folder"
-        )
+    refuse_results_out(config, out)
     device = resolve_device(config["train"]["device"])
     if device.type == "cpu":
         torch.set_num_threads(int(threads or config["train"]["threads"]))
@@ -305,7 +346,11 @@ def predict(
     window = config["slices"]["window_percentiles"]
 
     with tempfile.TemporaryDirectory(prefix="spinedet-predict-") as tmp:
+        files = []
         if is_nifti(input_path):
+            if sr_only:
+                raise SpinedetError(f"--input {input_path}: --sr-only needs DICOM input (a NIfTI volume gets no "
+                                    "DICOM SR)")
             kind, locator = "nifti", None
             affine, volume, slices = prepare_volume(input_path, window)
             check_input_plane(affine, input_path, allow_non_sagittal)
@@ -334,16 +379,20 @@ def predict(
             if det["dicom"] is None:
                 log.warning("slice %d: no DICOM instance lies on this slice; box kept without it", det["slice_index"])
 
+    out.mkdir(parents=True, exist_ok=True)
     overlays = out / "overlays"
-    overlays.mkdir(parents=True, exist_ok=True)
-    for stale in overlays.glob("slice-*.png"):
-        stale.unlink()
-    by_slice = defaultdict(list)
-    for det in detections:
-        by_slice[det["slice_index"]].append(det)
-    digits = max(2, len(str(len(slices) - 1)))
-    for index, pixels in enumerate(slices):
-        write_overlay(overlays / f"slice-{index:0{digits}d}.png", pixels, by_slice[index], classes)
+    if overlays.is_dir():
+        for stale in overlays.glob("slice-*.png"):
+            stale.unlink()
+    if not sr_only:
+        overlays.mkdir(parents=True, exist_ok=True)
+        by_slice = defaultdict(list)
+        for det in detections:
+            by_slice[det["slice_index"]].append(det)
+        digits = max(2, len(str(len(slices) - 1)))
+        for index, pixels in enumerate(slices):
+            write_overlay(overlays / f"slice-{index:0{digits}d}.png", pixels, by_slice[index], classes)
+    dicom_sr = write_sr(config, out, kind, files, detections, meta, weights, score_threshold)
 
     result = {
         "note": "clinical output: may contain DICOM UIDs of the input; keep it out of results/",
@@ -364,7 +413,29 @@ def predict(
             "width": int(slices.shape[2]),
             "orientation": CANONICAL_ORIENTATION,
         },
+        "dicom_sr": dicom_sr,
         "detections": detections,
     }
     write_json(out / "detections.json", result)
     return result
+
+
+def write_sr(config: dict, out: Path, kind: str, files: list[dict], detections: list[dict], meta: dict,
+             weights: Path | None, score_threshold: float) -> dict | None:
+    """out/detections_sr.dcm for DICOM input with at least one detection placed on an instance
+    (a stale one is removed otherwise); what detections.json records of it, or None."""
+    from spinedet.detect import detection_sr
+
+    path = out / detection_sr.SR_FILE
+    path.unlink(missing_ok=True)
+    if kind != "dicom":
+        return None
+    if not any(det.get("dicom") for det in detections):
+        log.info("no detection on a DICOM instance at or above the threshold: no DICOM SR written")
+        return None
+    info = detection_sr.write_detection_sr(
+        path, [Path(f["path"]) for f in files], detections, detection_sr.class_codes(config),
+        meta.get("model_name"), detection_sr.weights_sha256(weights), score_threshold,
+    )
+    log.info("DICOM SR with %d detections: %s", info["detections"], path.name)
+    return info
