@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: install demo test test-slow smoke lint clean
+.PHONY: install demo test test-slow smoke lint clean view
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ smoke: $(STAMP)
 lint: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
 
+# make view VIEW="STUDY_FOLDER PREDICTIONS/detections_sr.dcm": spinedet view, the OHIF viewer
+# beside a throw-away local Orthanc holding VIEW's DICOM files (README, "Viewing in OHIF").
+view: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/spinedet view $(VIEW)
+
 clean:
-	rm -rf results/* restricted smoke .snakemake resources/demo_export resources/smoke_export
+	rm -rf results/* restricted smoke smoke-bids .snakemake resources/demo_export resources/smoke_export resources/smoke_bids_export
 	touch results/.gitkeep

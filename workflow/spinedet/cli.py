@@ -38,6 +38,7 @@ STAGES = {
                 "Paired AP50 difference of every model pair: bootstrap CI and permutation p-value."),
     "report": ("study.report", "The model-comparison report (HTML, Markdown, CSV, figures)."),
     "predict": ("detect.predict", "Detect lesions in a new DICOM series or NIfTI volume."),
+    "view": ("detect.view", "Show studies and predict's DICOM SR in the OHIF viewer, beside a local Orthanc."),
 }
 
 

@@ -99,6 +99,31 @@ def read_sources(paths: Sequence[Path]) -> list[Dataset]:
         return [pydicom.dcmread(path, stop_before_pixels=True) for path in dict.fromkeys(map(str, paths))]
 
 
+def _score_inferred_from_region(group, region: hd.sr.ImageRegion) -> None:
+    """The score NUM gets its region as INFERRED FROM coordinates (TID 300 row 8, TID 320).
+    OHIF (3.13) looks for a finding's coordinates under each NUM of the group: without them it
+    lists no finding of the report ("No spatial coordinates group found"). highdicom refuses
+    referenced coordinates in a Planar ROI group's measurements, so they are added after it
+    is built."""
+    reference = region.ContentSequence[0].ReferencedSOPSequence[0]
+    frames = reference.get("ReferencedFrameNumber")
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=str(reference.ReferencedSOPClassUID),
+        referenced_sop_instance_uid=str(reference.ReferencedSOPInstanceUID),
+        referenced_frame_numbers=None if frames is None else [int(f) for f in np.atleast_1d(frames)],
+    )
+    coordinates = hd.sr.CoordinatesForMeasurement(
+        graphic_type=region.GraphicType,
+        graphic_data=np.asarray(region.GraphicData, dtype=float).reshape(-1, 2),
+        source_image=source,
+    )
+    if "PixelOriginInterpretation" in region:
+        coordinates.PixelOriginInterpretation = region.PixelOriginInterpretation
+    for item in group[0].ContentSequence:
+        if item.ValueType == "NUM":
+            item.ContentSequence = [*item.get("ContentSequence", []), coordinates]
+
+
 def detection_report(
     sources: list[Dataset],
     detections: list[dict],
@@ -147,7 +172,7 @@ def detection_report(
             pixel_origin_interpretation=hd.sr.PixelOriginInterpretationValues.FRAME if multiframe else None,
         )
         scheme, value, meaning = codes[label]
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=_uid(sources, "spinedet detections", "tracking", sop_uid, number),
                 identifier=f"detection {number}",
@@ -157,7 +182,9 @@ def detection_report(
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(name=SCORE, value=float(det["score"]), unit=NO_UNITS,
                                             algorithm_id=algorithm)],
-        ))
+        )
+        _score_inferred_from_region(group, region)
+        groups.append(group)
 
     observer = hd.sr.ObserverContext(
         observer_type=dicom_codes.DCM.Device,
