@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import socket
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def orthanc(tmp_path):
 
 def test_round_trip_through_orthanc(orthanc, smoke_export, tmp_path, monkeypatch, caplog):
     from dicomweb_client.api import DICOMwebClient
+    caplog.set_level(logging.DEBUG)  # everything `spinedet -v` logs, urllib3's request lines too
     from spinedet.cli import main
     from spinedet.detect import models
     from tiny_detector import save_best
@@ -85,6 +87,7 @@ def test_round_trip_through_orthanc(orthanc, smoke_export, tmp_path, monkeypatch
     argv = ["predict", "--config", str(config), "--weights", str(weights), "--dicomweb", orthanc.dicomweb_url,
             "--study-uid", first, "--studies", str(tmp_path / "studies.txt"), "--out", str(out), "--store",
             "--score-threshold", "0.1", "--sr-only", "--token-env", "SPINEDET_TEST_TOKEN", "-v"]
+    caplog.clear()  # the test's own stores above are not predict's log
     assert main(argv) == 1  # the unknown study failed
 
     with (out / "predict_summary.csv").open() as fh:
@@ -265,13 +268,14 @@ def test_the_stored_sr_goes_into_its_study(one_study, tmp_path, monkeypatch):
     assert client.stored[0].Modality == "SR"
 
 
-def test_the_cli_refuses_dicomweb_flags_without_a_server(tmp_path):
+def test_the_cli_refuses_dicomweb_flags_without_a_server(tmp_path, caplog):
     from spinedet.cli import main
 
     config = str(Path(__file__).resolve().parents[2] / "config.yaml")
     argv = ["predict", "--config", config, "--weights", "w.pt", "--input", str(tmp_path), "--out",
             str(tmp_path / "o"), "--study-uid", "1.2.3"]
     assert main(argv) == 2
+    assert "--study-uid" in caplog.text and "--dicomweb" in caplog.text
     with pytest.raises(SystemExit):
         main(["predict", "--config", config, "--weights", "w.pt", "--input", str(tmp_path), "--dicomweb", "http://x/dicom-web",
               "--out", str(tmp_path / "o")])
@@ -287,3 +291,10 @@ def test_local_orthanc_ports_come_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SPINEDET_ORTHANC_HTTP_PORT", "http")
     with pytest.raises(SpinedetError, match="is not a port number"):
         LocalOrthanc(tmp_path)
+
+
+def test_a_credential_that_cannot_be_a_header_is_refused_naming_only_its_variable(monkeypatch):
+    monkeypatch.setenv("SPINEDET_TEST_TOKEN", "tok3n-secret\nsecond-line")
+    with pytest.raises(SpinedetError) as info:
+        dicomweb.session_from_environment("SPINEDET_TEST_TOKEN", None, None)
+    assert "SPINEDET_TEST_TOKEN" in str(info.value) and "tok3n" not in str(info.value)

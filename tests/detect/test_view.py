@@ -260,7 +260,12 @@ def serve_and_stop(argv: list[str], tmp_path: Path) -> tuple[list[str], str]:
 
     command = [sys.executable, "-m", "spinedet.cli", "view", "--port", "0",
                "--ohif-cache", str(fake_prepared_cache(tmp_path / "cache")), *argv]
+    import threading
+
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child that never prints its last line is killed, so the read below ends (and fails)
+    watchdog = threading.Timer(120, process.kill)
+    watchdog.start()
     lines = []
     try:
         for line in process.stdout:
@@ -271,6 +276,7 @@ def serve_and_stop(argv: list[str], tmp_path: Path) -> tuple[list[str], str]:
         viewer = next(line for line in lines if "/ohif/viewer?" in line)
         assert get(viewer)[2] == b"<html>index</html>"
     finally:
+        watchdog.cancel()
         process.terminate()
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr

@@ -217,12 +217,18 @@ def test_every_file_is_used_ignored_or_quarantined_with_a_reason(tmp_path):
          root / "derivatives" / "labels" / "sub-77" / "anat" / "sub-77_T2w_dseg.nii.gz")
     (root / "derivatives" / "labels" / "dseg.tsv").unlink()
     (root / "notes.txt").write_text("scanned on a Tuesday")
+    # a sidecar that is not JSON
+    (root / "sub-02" / "anat" / "sub-02_T2w.json").write_text("{not json")
     cfg = config()
     cohort = read_bids_cohort(root, None, cfg["bids"], cfg["groups"])
     rows, summary, out = run_import(root, tmp_path, cfg, cohort)
     by_path = {r["path"]: r for r in rows}
     files = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    assert set(by_path) == files
+    assert set(by_path) == files | {"sub-03/"}
+    assert by_path["sub-03/"]["reason"] == "no_image" and by_path["sub-03/"]["subject"] == "03"
+    assert by_path["sub-02/anat/sub-02_T2w.nii.gz"]["status"] == "used"
+    assert by_path["sub-02/anat/sub-02_T2w.json"]["reason"] == "unreadable_sidecar"
+    assert by_path["derivatives/labels/sub-02/anat/sub-02_T2w_dseg.nii.gz"]["subject"] == "02"
     assert all(r["status"] in ("used", "ignored", "quarantined") for r in rows)
     assert all(r["reason"] for r in rows if r["status"] == "quarantined")
     assert by_path["sub-01/anat/sub-01_T1w.nii.gz"]["reason"] == "not_target_image"
@@ -232,7 +238,8 @@ def test_every_file_is_used_ignored_or_quarantined_with_a_reason(tmp_path):
     assert by_path["derivatives/labels/sub-77/anat/sub-77_T2w_dseg.nii.gz"]["reason"] == "orphan_mask"
     assert by_path["derivatives/labels/sub-01/anat/sub-01_T2w_dseg.nii.gz"]["reason"] == "no_dseg_table"
     assert by_path["notes.txt"]["reason"] == "not_bids"
-    assert summary["patients_selected"] == 2 and summary["quarantined"] == 4
+    assert summary["patients_selected"] == 2 and summary["quarantined"] == 6  # 4 files, a sidecar, sub-03/
+    assert summary["patients_without_target"] == 1
     assert {p["group"] for p in read_csv(out / "participants.csv")} == {"disc", "injured"}
 
 
@@ -307,3 +314,39 @@ def test_component_boxes_split_touching_structures_only_when_apart():
     structure[1, 8:9, 0:2] = True
     boxes = component_boxes(structure, slice_axis=0, label="x")
     assert sorted((tuple(b["min"]), tuple(b["max"])) for b in boxes) == [((2, 2), (6, 6)), ((8, 0), (9, 2))]
+
+
+def test_issue_details_name_no_file_of_the_subject(tmp_path):
+    """A damaged mask and a bad dseg table beside a mask: their issues (results/) never carry
+    the file names, which carry the subject label."""
+    root = make_dataset(tmp_path / "bids", {"A0042": "disc", "B0043": "disc"}, table_at_root=False)
+    (root / "derivatives" / "labels" / "sub-A0042" / "anat" / "sub-A0042_T2w_dseg.nii.gz").write_bytes(b"damaged")
+    (root / "derivatives" / "labels" / "sub-B0043" / "anat" / "sub-B0043_T2w_dseg.tsv").write_text("value\tname\n")
+    rows, _, out = run_import(root, tmp_path)
+    issues = read_csv(out / "annotation_issues.csv")
+    assert sorted(i["reason"] for i in issues) == ["no_dseg_table", "unreadable_mask"]
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"A0042" not in path.read_bytes() and b"B0043" not in path.read_bytes(), path
+
+
+def test_dseg_values_missing_from_the_table_are_listed(tmp_path):
+    root = make_dataset(tmp_path / "bids", {"01": "disc"})
+    (root / "derivatives" / "labels" / "dseg.tsv").write_text("index\tname\n1\tdischerniation\n")
+    _, _, out = run_import(root, tmp_path)
+    (issue,) = read_csv(out / "annotation_issues.csv")
+    assert issue["reason"] == "unlisted_value" and "[2]" in issue["detail"]
+    (doc,) = boxes_by_patient(out).values()
+    assert {b["label"] for b in doc["boxes"]} == {"disc_herniation"}
+
+
+def test_the_subjects_sagittal_image_is_chosen_over_an_axial_one(tmp_path):
+    from spinedet.ingest.bids_import import find_images
+
+    anat = tmp_path / "sub-05" / "anat"
+    axial = save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.diag([1.0, 1.0, 4.0, 1.0])),
+                 anat / "sub-05_acq-ax_T2w.nii.gz")
+    sagittal = save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE), anat / "sub-05_acq-sag_T2w.nii.gz")
+    chosen, rows = find_images(tmp_path, sorted([axial, sagittal]), "T2w")
+    assert chosen == {"05": sagittal}
+    assert rows[axial]["reason"] == "not_sagittal" and "axial" in rows[axial]["detail"]

@@ -137,6 +137,25 @@ def voxel_to_pixel(points, ipp, iop, pixel_spacing, affine) -> np.ndarray:
     return lps_to_pixel(ras_to_lps(voxel_to_ras(points, affine)), ipp, iop, pixel_spacing)
 
 
+def acquisition_plane(affine: np.ndarray) -> tuple[str, list[float]]:
+    """The plane a volume's slices were acquired in, and its voxel sizes in mm.
+
+    The slices lie across the thickest voxel axis; its direction in the world
+    names the plane (along L-R: sagittal, A-P: coronal, S-I: axial).
+    `isotropic` when no axis is at least 1.5x thicker than the others: such a
+    volume reformats to sagittal slices without loss.
+    """
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    sizes = np.linalg.norm(columns, axis=0)
+    thick = int(np.argmax(sizes))
+    if sizes[thick] < 1.5 * np.delete(sizes, thick).max():
+        return "isotropic", [round(float(v), 3) for v in sizes]
+    direction = np.abs(columns[:, thick]) / sizes[thick]
+    world = int(np.argmax(direction))
+    plane = PLANE_BY_AXIS[world] if direction[world] >= PLANE_MIN_COSINE else "oblique"
+    return plane, [round(float(v), 3) for v in sizes]
+
+
 def volume_slice_axis(iop, affine) -> int:
     """The voxel axis of `affine` that runs along the slice normal of `iop`."""
     normal_ras = LPS_TO_RAS[:3, :3] @ slice_normal(iop)

@@ -142,7 +142,13 @@ def detection_report(
         raise SpinedetError("the SR's source instances must all belong to one series")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     algorithm = algorithm_identification(model_name, sha256, score_threshold)
-    series_uid = _uid(sources, "spinedet detections", "series", sha256, score_threshold, __version__)
+    # the UIDs follow the content too: another set of findings (other precision, other codes)
+    # is another report, never a second copy under the first one's UID, which a PACS would drop
+    content = hashlib.sha256(repr(sorted(
+        (str(det["label"]), codes.get(str(det["label"])), round(float(det["score"]), 4),
+         tuple(sorted((k, str(v)) for k, v in (det.get("dicom") or {}).items())))
+        for det in detections)).encode()).hexdigest()
+    series_uid = _uid(sources, "spinedet detections", "series", sha256, score_threshold, __version__, content)
     sop_uid = _uid(sources, "spinedet detections", "instance", series_uid)
 
     groups = []
@@ -159,6 +165,8 @@ def detection_report(
             raise SpinedetError(f"detection {number} lies on an instance that is not in the analysed series")
         frame = box.get("frame_number")
         multiframe = "NumberOfFrames" in source
+        if multiframe and not frame:
+            raise SpinedetError(f"detection {number} lies on a multi-frame instance but names no frame")
         x0, y0, x1, y1 = (float(box[key]) for key in BOX_KEYS)
         corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
         region = hd.sr.ImageRegion(

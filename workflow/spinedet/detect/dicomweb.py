@@ -67,12 +67,14 @@ class ServerError(SpinedetError):
 
 
 def silence_client_logging() -> None:
-    """dicomweb-client logs request URLs (study UIDs) and headers (credentials) at debug level."""
+    """dicomweb-client logs request URLs (study UIDs) and headers (credentials) at debug level;
+    urllib3, under it, logs each request's URL at debug level (`spinedet -v`)."""
     client_log = logging.getLogger("dicomweb_client")
     client_log.propagate = False
     client_log.setLevel(logging.CRITICAL + 1)
     if not any(isinstance(h, logging.NullHandler) for h in client_log.handlers):
         client_log.addHandler(logging.NullHandler())
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def study_folder(study_uid: str) -> str:
@@ -116,9 +118,13 @@ def session_from_environment(token_env: str | None, user_env: str | None,
         raise SpinedetError("--user-env and --password-env go together")
 
     def value(name: str) -> str:
-        found = os.environ.get(name)
+        found = (os.environ.get(name) or "").strip()
         if not found:
             raise SpinedetError(f"environment variable {name} (named by a credentials flag) is not set or empty")
+        # a value that cannot go into an HTTP header would make requests quote it in an error
+        if any(ord(character) < 0x21 or ord(character) == 0x7F for character in found):
+            raise SpinedetError(f"environment variable {name} holds spaces or control characters (a line break?): "
+                                "set it to the credential alone")
         return found
 
     if token_env:

@@ -1,8 +1,9 @@
 """A throw-away local Orthanc (Debian's `orthanc` + `orthanc-dicomweb`) with DICOMweb.
 
 For tests, CI and `spinedet view`: a JSON config with its storage and index in
-`workdir`, bound to 127.0.0.1 only (RemoteAccessAllowed false), the DICOMweb
-plugin under /dicom-web/. Ports come from SPINEDET_ORTHANC_HTTP_PORT (8042)
+`workdir`, answering HTTP clients on this machine only (RemoteAccessAllowed
+false: Orthanc cannot bind one address, it refuses other hosts), with no DICOM
+(DIMSE) listener at all, the DICOMweb plugin under /dicom-web/. Ports come from SPINEDET_ORTHANC_HTTP_PORT (8042)
 and SPINEDET_ORTHANC_DICOM_PORT (4242) unless given.
 
     with LocalOrthanc(tmp / "pacs") as pacs:
@@ -95,7 +96,8 @@ class LocalOrthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "HttpServerEnabled": True,
-            "DicomServerEnabled": True,
+            # nothing uses DIMSE, and Orthanc would listen for it on every interface
+            "DicomServerEnabled": False,
             "StableAge": 1,
             "Plugins": [str(plugin)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},

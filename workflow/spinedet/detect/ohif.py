@@ -265,13 +265,16 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {name: self.headers[name] for name in FORWARDED_REQUEST_HEADERS if self.headers[name]}
         headers.update(self.server.upstream_headers)
         connection_class = http.client.HTTPSConnection if upstream.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(upstream.netloc, timeout=PROXY_TIMEOUT_S)
+        # hostname and port only: user information in the URL is no address (nor for the page)
+        where = f"{upstream.hostname}:{upstream.port}" if upstream.port else str(upstream.hostname)
+        connection = connection_class(where, timeout=PROXY_TIMEOUT_S)
         try:
             connection.request("HEAD" if head else "GET", target, headers=headers)
             response = connection.getresponse()
             body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            message = f"DICOMweb server {upstream.scheme}://{upstream.netloc} unreachable: {exc}".encode()
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            # the type only: http.client quotes a rejected header's value, the credentials
+            message = f"DICOMweb server {upstream.scheme}://{where} unreachable ({type(exc).__name__})".encode()
             self.send_response(502)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(message)))

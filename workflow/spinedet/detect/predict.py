@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError, __version__
 from spinedet.detect import engine
+from spinedet.geometry import acquisition_plane
 from spinedet.ingest.dicom import InstanceLocator
 from spinedet.io import read_json, write_json
 
@@ -221,27 +222,6 @@ def prepare_volume(nifti: Path, window_percentiles: list[float]):
     return image.affine, volume, window_to_uint8(volume.data, list(window_percentiles))
 
 
-def acquisition_plane(affine: np.ndarray) -> tuple[str, list[float]]:
-    """The plane a volume's slices were acquired in, and its voxel sizes in mm.
-
-    The slices lie across the thickest voxel axis; its direction in the world
-    names the plane (along L-R: sagittal, A-P: coronal, S-I: axial).
-    `isotropic` when no axis is at least 1.5x thicker than the others: such a
-    volume reformats to sagittal slices without loss.
-    """
-    from spinedet.geometry import PLANE_BY_AXIS, PLANE_MIN_COSINE
-
-    columns = np.asarray(affine, dtype=float)[:3, :3]
-    sizes = np.linalg.norm(columns, axis=0)
-    thick = int(np.argmax(sizes))
-    if sizes[thick] < 1.5 * np.delete(sizes, thick).max():
-        return "isotropic", [round(float(v), 3) for v in sizes]
-    direction = np.abs(columns[:, thick]) / sizes[thick]
-    world = int(np.argmax(direction))
-    plane = PLANE_BY_AXIS[world] if direction[world] >= PLANE_MIN_COSINE else "oblique"
-    return plane, [round(float(v), 3) for v in sizes]
-
-
 def check_input_plane(affine: np.ndarray, input_path: Path, allow_non_sagittal: bool) -> None:
     plane, sizes = acquisition_plane(affine)
     if plane in ("sagittal", "isotropic"):
@@ -380,6 +360,9 @@ def predict(
                 log.warning("slice %d: no DICOM instance lies on this slice; box kept without it", det["slice_index"])
 
     out.mkdir(parents=True, exist_ok=True)
+    # detections.json is written last: an earlier run's goes first, so a failure below (the SR,
+    # an overlay) never leaves it beside outputs it does not describe
+    (out / "detections.json").unlink(missing_ok=True)
     overlays = out / "overlays"
     if overlays.is_dir():
         for stale in overlays.glob("slice-*.png"):

@@ -124,7 +124,8 @@ def store(client, paths: list[Path]) -> list[Stored]:
             raise SpinedetError(f"the DICOMweb server rejected the instances of {batch[0][0]} ... (HTTP {status})") \
                 from exc
         except RequestException as exc:
-            raise SpinedetError(f"DICOMweb server unreachable while storing: {exc}") from exc
+            # the type only: a request error can quote the URL and the headers (credentials)
+            raise SpinedetError(f"DICOMweb server unreachable while storing ({type(exc).__name__})") from None
         stored.extend(Stored(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.get("Modality", "")), path)
                       for path, ds in batch)
         batch.clear()
@@ -185,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
             if stored:
                 log.info("stored %d instance(s) of %d series in %d study(ies)", len(stored),
                          len({s.series_uid for s in stored}), len({s.study_uid for s in stored}))
+            if args.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("the viewer listens on %s: anyone who reaches it reads the studies%s", args.host,
+                            ", with this server's credentials" if any(credentials) else "")
             server = ohif.ViewerServer(dist, dicomweb_url, host=args.host, port=args.port,
                                        upstream_headers=upstream_headers(session))
             stack.callback(server.server_close)

@@ -31,7 +31,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.ingest.annotations.bids_masks import left_right_axis, mask_boxes, mask_kind
+from spinedet.geometry import acquisition_plane
+from spinedet.ingest.annotations.bids_masks import FILE_ISSUES, left_right_axis, mask_boxes, mask_kind, scrubbed_error
 from spinedet.ingest.dicom import SNAKEMAKE_MARKER
 from spinedet.ingest.deid_tree import (
     PSEUDONYM_COLUMNS,
@@ -53,8 +54,11 @@ FILE_COLUMNS = ["path", "status", "reason", "detail", "subject"]
 REASONS = {
     "not_target_image": "an image of another suffix or datatype than bids.suffix under anat/",
     "second_image": "the subject has another image of the suffix, which was used (one volume per patient)",
+    "not_sagittal": "the image was acquired axially, coronally or obliquely: the detectors read sagittal slices",
     "not_in_cohort": "the subject is not in the cohort (participants.tsv or cohort.csv)",
+    "no_image": "a cohort subject without a usable image of the suffix (its row names the subject's folder)",
     "unreadable_image": "the image cannot be read as a 3-D NIfTI volume",
+    "unreadable_sidecar": "the image's JSON sidecar cannot be read: the image is used without its keys",
     "orphan_mask": "a mask under the derivative that names no used image",
     "no_dseg_table": "a _dseg mask without a dseg.tsv (index, name)",
     "unreadable_mask": "the mask cannot be read or resampled",
@@ -116,7 +120,11 @@ def subject_of(relative: Path) -> str:
 
 
 def find_images(root: Path, files: list[Path], suffix: str) -> tuple[dict[str, Path], dict[Path, dict]]:
-    """({subject: its image}, {path: files.csv row} of the other NIfTI files under sub-*/)."""
+    """({subject: its image}, {path: files.csv row} of the other NIfTI files under sub-*/).
+
+    A subject's image is its first `_<suffix>` image in sorted order that was acquired
+    sagittally (its thickest voxel axis along left-right) or isotropically, judged by the
+    affine, as predict judges its input; the others are listed."""
     chosen: dict[str, Path] = {}
     rows: dict[Path, dict] = {}
     for path in files:
@@ -127,11 +135,21 @@ def find_images(root: Path, files: list[Path], suffix: str) -> tuple[dict[str, P
         if relative.parent.name != "anat" or not re.search(rf"_{re.escape(suffix)}\.nii(\.gz)?$", path.name):
             rows[path] = {"status": "ignored", "reason": "not_target_image",
                           "detail": f"not an anat/*_{suffix}.nii[.gz] image (config key 'bids.suffix')"}
-        elif subject in chosen:
+            continue
+        if subject in chosen:
             rows[path] = {"status": "ignored", "reason": "second_image",
                           "detail": f"another _{suffix} image of this subject was used: {chosen[subject].name}"}
-        else:
+            continue
+        try:
+            plane, sizes = acquisition_plane(nib.load(path).affine)
+        except Exception as exc:  # a damaged header: nibabel raises many types
+            rows[path] = {"status": "quarantined", "reason": "unreadable_image", "detail": scrubbed_error(exc, path)}
+            continue
+        if plane in ("sagittal", "isotropic"):
             chosen[subject] = path
+        else:
+            rows[path] = {"status": "ignored", "reason": "not_sagittal",
+                          "detail": f"acquired {plane} (voxel sizes {sizes} mm): export the sagittal series"}
     return chosen, rows
 
 
@@ -139,12 +157,16 @@ def sidecar_of(image: Path) -> Path:
     return image.with_name(NIFTI.sub("", image.name) + ".json")
 
 
-def scrubbed_bids_sidecar(path: Path, image: nib.spatialimages.SpatialImage) -> dict:
-    """The allowlisted keys of a BIDS sidecar (the same keys as dcm2niix's), plus the in-plane spacing."""
+def scrubbed_bids_sidecar(path: Path | None, image: nib.spatialimages.SpatialImage) -> dict:
+    """The allowlisted keys of a BIDS sidecar (the same keys as dcm2niix's; none without a
+    readable one), plus the voxel sizes. Raises ValueError (or OSError) for a sidecar that
+    is not a readable JSON object."""
     kept = {}
-    if path.is_file():
-        with path.open() as fh:
+    if path is not None and path.is_file():
+        with path.open(encoding="utf-8") as fh:
             full = json.load(fh)
+        if not isinstance(full, dict):
+            raise ValueError("the sidecar is not a JSON object")
         kept = {key: full[key] for key in SIDECAR_ALLOWLIST if key in full}
     kept["VoxelSizes"] = [round(float(z), 6) for z in image.header.get_zooms()[:3]]
     return kept
@@ -201,16 +223,22 @@ def bids_import(root: Path, cohort: dict[str, str], key: bytes, config: dict, ou
         paths = subject_paths(out, pseudo, bids["suffix"])
         write_bytes(paths["nifti"], nifti_bytes)
         sidecar = sidecar_of(image_path)
-        write_json_sorted(paths["sidecar"], scrubbed_bids_sidecar(sidecar, image))
-        if sidecar.is_file():
-            rows[sidecar] = {"status": "used", "reason": "", "detail": "allowlisted keys kept"}
+        try:
+            kept = scrubbed_bids_sidecar(sidecar, image)
+            if sidecar.is_file():
+                rows[sidecar] = {"status": "used", "reason": "", "detail": "allowlisted keys kept"}
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            kept = scrubbed_bids_sidecar(None, image)
+            rows[sidecar] = {"status": "quarantined", "reason": "unreadable_sidecar",
+                             "detail": scrubbed_error(exc, sidecar) + ": the image is used without its keys"}
+        write_json_sorted(paths["sidecar"], kept)
         boxes = []
         for mask, kind, name in masks_of[subject]:
             found, mask_issues, resampled = mask_boxes(mask, kind, name, image, derivative_root,
                                                        bids["label_map"], classes)
             boxes += found
             counts["masks_resampled"] += resampled
-            file_issue = next((issue for issue in mask_issues if not issue.name), None)
+            file_issue = next((issue for issue in mask_issues if issue.reason in FILE_ISSUES), None)
             rows[mask] = ({"status": "quarantined", "reason": file_issue.reason, "detail": file_issue.detail}
                           if file_issue else {"status": "used", "reason": "", "detail": f"{len(found)} boxes"
                                               + (", resampled onto the image's grid" if resampled else "")})
@@ -236,7 +264,15 @@ def bids_import(root: Path, cohort: dict[str, str], key: bytes, config: dict, ou
                     "reason": "", "detail": "dataset metadata"} if known else
                    {"status": "ignored", "reason": "not_bids", "detail": "not an image, sidecar or mask this "
                     "study reads"})
-        table_rows.append({"path": str(relative), "subject": subject_of(relative), **row})
+        in_derivative = path.is_relative_to(derivative_root)
+        subject = subject_of(path.relative_to(derivative_root) if in_derivative else relative)
+        table_rows.append({"path": str(relative), "subject": subject, **row})
+    # a cohort subject with no usable image: one row naming its folder
+    used_subjects = {row["subject"] for row in table_rows if row["status"] == "used" and row["subject"]}
+    for subject in sorted(set(cohort) - used_subjects):
+        table_rows.append({"path": f"sub-{subject}/", "subject": subject, "status": "quarantined", "reason": "no_image",
+                           "detail": f"in the cohort, but no readable sagittal anat/*_{bids['suffix']}.nii[.gz] "
+                                     "(see the subject's other rows)"})
     status = Counter(row["status"] for row in table_rows)
     reasons = Counter(row["reason"] for row in table_rows if row["reason"])
     summary = {
@@ -248,7 +284,7 @@ def bids_import(root: Path, cohort: dict[str, str], key: bytes, config: dict, ou
         "files_by_reason": dict(sorted(reasons.items())),
         "cohort_patients": len(cohort),
         "patients_selected": len(participants),
-        "patients_without_target": len([s for s in cohort if s not in images]),
+        "patients_without_target": len(set(cohort) - {p for p in used_subjects}),
         "masks_read": sum(len(m) for m in masks_of.values()),
         "masks_resampled": counts["masks_resampled"],
         "boxes": counts["boxes"],

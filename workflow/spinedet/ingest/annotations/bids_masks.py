@@ -35,6 +35,8 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 AFFINE_TOLERANCE_MM = 1e-3
 # A voxel of a non-integer (e.g. probabilistic) binary mask is set above this.
 BINARY_THRESHOLD = 0.5
+# Issues of a whole mask file (it gives no box); the others concern one structure or value.
+FILE_ISSUES = ("no_dseg_table", "unreadable_mask")
 
 MASK_PATTERN = re.compile(r"_label-(?P<name>[a-zA-Z0-9]+)(_[a-zA-Z0-9]+-[a-zA-Z0-9]+)*_mask\.nii(\.gz)?$")
 DSEG_PATTERN = re.compile(r"(_[a-zA-Z0-9]+-[a-zA-Z0-9]+)*_dseg\.nii(\.gz)?$")
@@ -80,19 +82,30 @@ def dseg_table_path(dseg: Path, derivative_root: Path) -> Path | None:
     return root_table if root_table.is_file() else None
 
 
-def read_dseg_table(path: Path) -> dict[int, str]:
-    """{index: name} of a dseg.tsv; raises ValueError naming what is wrong."""
-    with Path(path).open(newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        if not reader.fieldnames or not {"index", "name"} <= set(reader.fieldnames):
-            raise ValueError(f"{Path(path).name} needs the columns index and name (tab-separated)")
-        table = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                table[int(row["index"])] = row["name"].strip()
-            except (TypeError, ValueError):
-                raise ValueError(f"{Path(path).name} line {line}: index {row['index']!r} is not an integer") from None
+def read_dseg_table(path: Path, what: str = "the dseg.tsv") -> dict[int, str]:
+    """{index: name} of a dseg.tsv; raises ValueError naming what is wrong. Messages name the
+    table by `what`, never by its file name (a table beside a mask carries the subject label)."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            if not reader.fieldnames or not {"index", "name"} <= set(reader.fieldnames):
+                raise ValueError(f"{what} needs the columns index and name (tab-separated)")
+            table = {}
+            for line, row in enumerate(reader, start=2):
+                try:
+                    table[int(row["index"])] = (row["name"] or "").strip()
+                except (TypeError, ValueError):
+                    raise ValueError(f"{what} line {line}: index {row['index']!r} is not an integer") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} cannot be read ({type(exc).__name__})") from None
     return table
+
+
+def scrubbed_error(exc: BaseException, path: Path) -> str:
+    """'Type: message' of a reading error without the file's path or name (both carry the
+    subject label), cut to 200 characters."""
+    message = str(exc).replace(str(path), "<file>").replace(Path(path).name, "<file>")
+    return f"{type(exc).__name__}: {' '.join(message.split())}"[:200]
 
 
 def left_right_axis(affine: np.ndarray) -> int:
@@ -143,8 +156,9 @@ def structures(path: Path, kind: str, name: str, derivative_root: Path) -> tuple
     if table_path is None:
         return {}, [MaskIssue("", "no_dseg_table", "a _dseg mask needs a dseg.tsv (index, name) beside it or at "
                               "the derivative's root")]
+    where = "the dseg.tsv beside the mask" if table_path.parent == Path(path).parent else "the derivative's dseg.tsv"
     try:
-        table = read_dseg_table(table_path)
+        table = read_dseg_table(table_path, where)
     except ValueError as exc:
         return {}, [MaskIssue("", "no_dseg_table", str(exc))]
     by_name: dict[str, list[int]] = {}
@@ -163,9 +177,15 @@ def mask_boxes(path: Path, kind: str, name: str, image: nib.spatialimages.Spatia
     try:
         values, resampled = mask_data_on_image_grid(nib.load(path), image)
     except Exception as exc:  # a damaged file: nibabel raises many types
-        return [], [MaskIssue("", "unreadable_mask", f"{type(exc).__name__}: {exc}"[:200])], False
+        return [], [MaskIssue("", "unreadable_mask", scrubbed_error(exc, path))], False
     slice_axis = left_right_axis(image.affine)
     boxes = []
+    if kind == "dseg":
+        listed = {index for indices in names.values() for index in indices}
+        unlisted = sorted(int(v) for v in np.unique(values) if v != 0 and v not in listed)
+        if unlisted:
+            issues.append(MaskIssue("", "unlisted_value", f"voxel value(s) {unlisted[:10]} of the dseg are not in "
+                                    "its dseg.tsv: add a row (index, name) for each"))
     for label_name, indices in names.items():
         structure = (values > BINARY_THRESHOLD) if kind == "mask" else np.isin(values, indices)
         if label_name not in label_map:
