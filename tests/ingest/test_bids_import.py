@@ -209,6 +209,7 @@ def test_every_file_is_used_ignored_or_quarantined_with_a_reason(tmp_path):
     # a T1w image, a second T2w session, a subject outside the cohort, a damaged image,
     # a mask naming no image, a dseg without its table, a stray file
     save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), AFFINE), root / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    (root / "sub-01" / "anat" / "sub-01_T1w.json").write_text("{}")
     save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE),
          root / "sub-01" / "anat" / "sub-01_acq-highres_T2w.nii.gz")
     save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE), root / "sub-99" / "anat" / "sub-99_T2w.nii.gz")
@@ -232,6 +233,7 @@ def test_every_file_is_used_ignored_or_quarantined_with_a_reason(tmp_path):
     assert all(r["status"] in ("used", "ignored", "quarantined") for r in rows)
     assert all(r["reason"] for r in rows if r["status"] == "quarantined")
     assert by_path["sub-01/anat/sub-01_T1w.nii.gz"]["reason"] == "not_target_image"
+    assert by_path["sub-01/anat/sub-01_T1w.json"]["reason"] == "not_target_image"
     assert by_path["sub-01/anat/sub-01_acq-highres_T2w.nii.gz"]["reason"] == "second_image"
     assert by_path["sub-99/anat/sub-99_T2w.nii.gz"]["reason"] == "not_in_cohort"
     assert by_path["sub-03/anat/sub-03_T2w.nii.gz"]["reason"] == "unreadable_image"

@@ -258,6 +258,10 @@ def bids_import(root: Path, cohort: dict[str, str], key: bytes, config: dict, ou
     for path in files:
         relative = path.relative_to(root)
         row = rows.get(path)
+        image_rows = [rows.get(path.with_name(path.name[:-len(".json")] + ext)) for ext in (".nii.gz", ".nii")]
+        image_row = next((r for r in image_rows if r), None) if path.name.endswith(".json") else None
+        if row is None and image_row is not None and image_row["status"] != "used":
+            row = {**image_row, "status": "ignored", "detail": "the sidecar of an image not used: " + image_row["detail"]}
         if row is None:
             known = path.name in METADATA_FILES or (path.name.endswith(".json") and not subject_of(relative))
             row = ({"status": "used" if path.name in ("participants.tsv", "dseg.tsv") else "ignored",
