@@ -27,7 +27,7 @@ test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m slow
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -m slow --durations=15
 
 smoke: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --configfile config.yaml config/smoke.yaml
