@@ -108,6 +108,17 @@ def read_study_uids(given: list[str], studies_file: Path | None) -> list[str]:
     return uids
 
 
+def add_credential_arguments(group) -> None:
+    """The flags naming the environment variables that hold the server's credentials
+    (spinedet predict --dicomweb, spinedet view --dicomweb)."""
+    group.add_argument("--token-env", metavar="NAME", default=None,
+                       help="environment variable holding a bearer token for the server")
+    group.add_argument("--user-env", metavar="NAME", default=None,
+                       help="environment variable holding the user name (HTTP basic authentication)")
+    group.add_argument("--password-env", metavar="NAME", default=None,
+                       help="environment variable holding the password (HTTP basic authentication)")
+
+
 def session_from_environment(token_env: str | None, user_env: str | None,
                              password_env: str | None) -> requests.Session:
     """A requests session with the credentials the named environment variables hold."""

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError, __version__
 from spinedet.detect import engine
+from spinedet.detect.dicomweb import add_credential_arguments
 from spinedet.geometry import acquisition_plane
 from spinedet.ingest.dicom import InstanceLocator
 from spinedet.io import read_json, write_json
@@ -99,12 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="a text file of StudyInstanceUIDs, one per line (# comments allowed)")
     web.add_argument("--store", action="store_true",
                      help="store each study's SR back into the study on the server (STOW-RS)")
-    web.add_argument("--token-env", metavar="NAME", default=None,
-                     help="environment variable holding a bearer token for the server")
-    web.add_argument("--user-env", metavar="NAME", default=None,
-                     help="environment variable holding the user name (HTTP basic authentication)")
-    web.add_argument("--password-env", metavar="NAME", default=None,
-                     help="environment variable holding the password (HTTP basic authentication)")
+    add_credential_arguments(web)
 
 
 def run(args: argparse.Namespace) -> int:

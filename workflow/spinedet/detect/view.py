@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from spinedet import SpinedetError
 from spinedet.detect import ohif
+from spinedet.detect.dicomweb import add_credential_arguments
 from spinedet.detect.local_pacs import LocalOrthanc
 
 log = logging.getLogger("spinedet.view")
@@ -58,12 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where OHIF's viewer is fetched and unpacked once (default $SPINEDET_OHIF_CACHE, "
                              "else build/ohif in a source checkout, else ~/.cache/spinedet/ohif)")
     web = parser.add_argument_group("credentials for --dicomweb (as spinedet predict --dicomweb)")
-    web.add_argument("--token-env", metavar="NAME", default=None,
-                     help="environment variable holding a bearer token for the server")
-    web.add_argument("--user-env", metavar="NAME", default=None,
-                     help="environment variable holding the user name (HTTP basic authentication)")
-    web.add_argument("--password-env", metavar="NAME", default=None,
-                     help="environment variable holding the password (HTTP basic authentication)")
+    add_credential_arguments(web)
 
 
 @dataclass(frozen=True)
