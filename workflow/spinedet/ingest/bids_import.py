@@ -20,7 +20,6 @@ keeps only its allowlisted keys. Every file under the root gets a row in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 from collections import Counter
@@ -32,15 +31,22 @@ from tqdm import tqdm
 
 from spinedet import SpinedetError
 from spinedet.geometry import acquisition_plane
-from spinedet.ingest.annotations.bids_masks import FILE_ISSUES, left_right_axis, mask_boxes, mask_kind, scrubbed_error
+from spinedet.ingest.annotations.bids_masks import (
+    FILE_ISSUES,
+    left_right_axis,
+    mask_boxes,
+    mask_kind,
+    nifti_stem,
+    scrubbed_error,
+)
 from spinedet.ingest.dicom import SNAKEMAKE_MARKER
 from spinedet.ingest.deid_tree import (
     PSEUDONYM_COLUMNS,
-    SIDECAR_ALLOWLIST,
     finish_tree,
     load_or_create_key,
     pseudonymise,
     scrubbed_nifti_bytes,
+    scrubbed_sidecar,
     subject_paths,
     write_json_sorted,
     write_subject_boxes,
@@ -154,20 +160,13 @@ def find_images(root: Path, files: list[Path], suffix: str) -> tuple[dict[str, P
 
 
 def sidecar_of(image: Path) -> Path:
-    return image.with_name(NIFTI.sub("", image.name) + ".json")
+    return image.with_name(nifti_stem(image) + ".json")
 
 
 def scrubbed_bids_sidecar(path: Path | None, image: nib.spatialimages.SpatialImage) -> dict:
-    """The allowlisted keys of a BIDS sidecar (the same keys as dcm2niix's; none without a
-    readable one), plus the voxel sizes. Raises ValueError (or OSError) for a sidecar that
-    is not a readable JSON object."""
-    kept = {}
-    if path is not None and path.is_file():
-        with path.open(encoding="utf-8") as fh:
-            full = json.load(fh)
-        if not isinstance(full, dict):
-            raise ValueError("the sidecar is not a JSON object")
-        kept = {key: full[key] for key in SIDECAR_ALLOWLIST if key in full}
+    """The allowlisted keys of a BIDS sidecar (the same keys as dcm2niix's; none without one),
+    plus the voxel sizes. Raises ValueError (or OSError) for one that is not a readable JSON object."""
+    kept = scrubbed_sidecar(path) if path is not None and path.is_file() else {}
     kept["VoxelSizes"] = [round(float(z), 6) for z in image.header.get_zooms()[:3]]
     return kept
 
@@ -242,7 +241,7 @@ def bids_import(root: Path, cohort: dict[str, str], key: bytes, config: dict, ou
             rows[mask] = ({"status": "quarantined", "reason": file_issue.reason, "detail": file_issue.detail}
                           if file_issue else {"status": "used", "reason": "", "detail": f"{len(found)} boxes"
                                               + (", resampled onto the image's grid" if resampled else "")})
-            table = mask.with_name(NIFTI.sub("", mask.name) + ".tsv")
+            table = mask.with_name(nifti_stem(mask) + ".tsv")
             if table.is_file():
                 rows[table] = {"status": "used", "reason": "", "detail": "the dseg's label table"}
             for issue in mask_issues:
@@ -258,7 +257,7 @@ def bids_import(root: Path, cohort: dict[str, str], key: bytes, config: dict, ou
     for path in files:
         relative = path.relative_to(root)
         row = rows.get(path)
-        image_rows = [rows.get(path.with_name(path.name[:-len(".json")] + ext)) for ext in (".nii.gz", ".nii")]
+        image_rows = [rows.get(path.with_name(path.stem + ext)) for ext in (".nii.gz", ".nii")]
         image_row = next((r for r in image_rows if r), None) if path.name.endswith(".json") else None
         if row is None and image_row is not None and image_row["status"] != "used":
             row = {**image_row, "status": "ignored", "detail": "the sidecar of an image not used: " + image_row["detail"]}

@@ -148,9 +148,12 @@ def scrubbed_nifti_bytes(source: Path) -> bytes:
 
 
 def scrubbed_sidecar(source: Path, pixel_spacing: list[float] | None = None) -> dict:
-    """The allowlisted keys of a dcm2niix sidecar (+ PixelSpacing from the DICOM header)."""
-    with Path(source).open() as fh:
+    """The allowlisted keys of a dcm2niix (or BIDS) sidecar (+ PixelSpacing from the DICOM
+    header). Raises ValueError (or OSError) for a sidecar that is not a readable JSON object."""
+    with Path(source).open(encoding="utf-8") as fh:
         full = json.load(fh)
+    if not isinstance(full, dict):
+        raise ValueError("the sidecar is not a JSON object")
     kept = {key: full[key] for key in SIDECAR_ALLOWLIST if key in full}
     if pixel_spacing:
         kept["PixelSpacing"] = list(pixel_spacing)
