@@ -56,6 +56,16 @@ def to_canonical(image: nib.spatialimages.SpatialImage) -> CanonicalVolume:
     )
 
 
+def load_canonical(path: Path) -> tuple[np.ndarray, CanonicalVolume]:
+    """(the NIfTI's own affine, the volume in canonical orientation); a file nibabel cannot
+    read is a SpinedetError naming it."""
+    try:
+        image = nib.load(path)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise SpinedetError(f"cannot read volume {path}: {exc}") from exc
+    return image.affine, to_canonical(image)
+
+
 def window_to_uint8(data: np.ndarray, percentiles: list[float]) -> np.ndarray:
     """Map the volume's [low, high] percentile window linearly to 0..255."""
     finite = data[np.isfinite(data)]

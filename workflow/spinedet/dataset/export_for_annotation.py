@@ -46,12 +46,11 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from spinedet import SpinedetError
-from spinedet.dataset.canonical import slice_file_name, to_canonical, window_to_uint8, write_png
+from spinedet.dataset.canonical import load_canonical, slice_file_name, window_to_uint8, write_png
 from spinedet.ingest.dicom import InstanceLocator
 from spinedet.io import copy_file, read_csv, read_json, write_atomically, write_csv, write_json
 
@@ -123,13 +122,9 @@ def export_patient(pseudonym: str, patient_id: str, volume_path: Path, patient_c
     """Write one patient's PNGs; returns (manifest rows, pre-annotations as (file_name, label, bbox),
     slices left out)."""
     classes = list(config["classes"])
-    try:
-        image = nib.load(volume_path)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise SpinedetError(f"cannot read volume {volume_path}: {exc}") from exc
-    volume = to_canonical(image)
+    affine, volume = load_canonical(volume_path)
     n_slices, height, width = volume.data.shape
-    locator = InstanceLocator(files, image.affine, np.linalg.inv(volume.old_to_new))
+    locator = InstanceLocator(files, affine, np.linalg.inv(volume.old_to_new))
     by_uid = {row["sop_instance_uid"]: row for row in files}
 
     labels = {category["id"]: category["name"] for category in patient_coco.get("categories", [])}

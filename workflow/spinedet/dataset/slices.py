@@ -64,12 +64,11 @@ import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from spinedet import SpinedetError, configure_logging
-from spinedet.dataset.canonical import slice_file_name, to_canonical, window_to_uint8, write_png
+from spinedet.dataset.canonical import load_canonical, slice_file_name, window_to_uint8, write_png
 from spinedet.io import read_csv, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -190,11 +189,7 @@ def write_patient_slices(volume_path: Path, boxes_path: Path, out_dir: Path, con
     if not volume_path.name.startswith(f"sub-{pseudonym}_"):
         raise SpinedetError(f"volume {volume_path.name} does not belong to sub-{pseudonym} ({boxes_path})")
 
-    try:
-        image = nib.load(volume_path)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise SpinedetError(f"cannot read volume {volume_path}: {exc}") from exc
-    volume = to_canonical(image)
+    _, volume = load_canonical(volume_path)
     n_slices, height, width = volume.data.shape
 
     slice_axis = int(boxes_doc["slice_axis"])

@@ -36,7 +36,6 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -208,14 +207,10 @@ def convert_series(series: dict, files: list[dict], work_dir: Path) -> Path:
 
 def prepare_volume(nifti: Path, window_percentiles: list[float]):
     """(original NIfTI affine, CanonicalVolume, uint8 canonical slices) as `spinedet slices` makes them."""
-    from spinedet.dataset.canonical import to_canonical, window_to_uint8
+    from spinedet.dataset.canonical import load_canonical, window_to_uint8
 
-    try:
-        image = nib.load(nifti)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise SpinedetError(f"cannot read volume {nifti}: {exc}") from exc
-    volume = to_canonical(image)
-    return image.affine, volume, window_to_uint8(volume.data, list(window_percentiles))
+    affine, volume = load_canonical(nifti)
+    return affine, volume, window_to_uint8(volume.data, list(window_percentiles))
 
 
 def check_input_plane(affine: np.ndarray, input_path: Path, allow_non_sagittal: bool) -> None:
