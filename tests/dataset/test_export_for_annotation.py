@@ -13,57 +13,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from dicom_study import export_argv, run_dicom_study
 from phi import collect_phi, scan_tree
 from spinedet import SpinedetError, cli
 from spinedet.dataset import export_for_annotation
 from spinedet.dataset.canonical import to_canonical
-from spinedet.demo.synthesize import synthesize
 from spinedet.geometry import orientation_label, pixel_to_voxel
 from spinedet.ingest.dicom import InstanceLocator
 from spinedet.io import read_csv
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = ["--config", str(REPO / "config.yaml"), '{"demo": {"enabled": false}}']  # a real export
 COORDINATES = ("x_min", "y_min", "x_max", "y_max")
 AFFINE = ("a11", "a12", "a13", "a21", "a22", "a23")
 
 
-def run_study(root: Path) -> SimpleNamespace:
-    """A tiny export (3 patients, half of them Enhanced MR) through inventory ... slices, by the CLI."""
-    export, results, restricted = root / "export", root / "results", root / "restricted"
-    synthesize(export, patients=3, matrix=64, seed=8, enhanced_fraction=0.5)
-    inventory = restricted / "inventory"
-    for argv in (
-        ["inventory", *CONFIG, "--raw", str(export / "DICOM"), "--cohort", str(export / "cohort.csv"),
-         "--out", str(inventory), "--summary", str(results / "inventory" / "summary.json")],
-        ["annotations", *CONFIG, "--files", str(inventory / "files.csv"), "--cohort", str(export / "cohort.csv"),
-         "--sheet", str(export / "annotations.csv"), "--out", str(restricted / "annotations"),
-         "--summary", str(results / "annotations" / "summary.json")],
-        ["convert", *CONFIG, "--series", str(inventory / "series.csv"), "--selection",
-         str(inventory / "selection.csv"), "--out", str(restricted / "convert")],
-        ["deidentify", *CONFIG, "--conversions", str(restricted / "convert" / "conversions.csv"),
-         "--files", str(inventory / "files.csv"), "--selection", str(inventory / "selection.csv"),
-         "--annotations", str(restricted / "annotations" / "annotations.csv"), "--restricted", str(restricted),
-         "--out", str(results / "deid")],
-        ["slices", *CONFIG, "--participants", str(results / "deid" / "participants.csv"),
-         "--out", str(results / "slices")],
-    ):  # fmt: skip
-        assert cli.main(argv) == 0, argv[0]
-    return SimpleNamespace(root=root, export=export, results=results, restricted=restricted, inventory=inventory)
-
-
-def export_argv(study: SimpleNamespace, out: Path, *extra: str) -> list[str]:
-    return ["export-for-annotation", *CONFIG,
-            "--participants", str(study.results / "deid" / "participants.csv"),
-            "--slices", str(study.results / "slices"), "--pseudonyms", str(study.restricted / "pseudonyms.csv"),
-            "--conversions", str(study.restricted / "convert" / "conversions.csv"),
-            "--files", str(study.inventory / "files.csv"), "--images", str(out / "images"),
-            "--coco", str(out / "coco.json"), "--manifest", str(out / "manifest.csv"), *extra]
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> SimpleNamespace:
-    study = run_study(tmp_path_factory.mktemp("export_study"))
+    study = run_dicom_study(tmp_path_factory.mktemp("export_study"))
     study.out = study.root / "annotation_export"
     assert cli.main(export_argv(study, study.out)) == 0
     study.coco = json.loads((study.out / "coco.json").read_text())

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ from spinedet.detect.detection_sr import class_codes, read_detection_sr
 from spinedet.detect.local_pacs import LocalOrthanc, dicomweb_plugin, orthanc_executable
 from spinedet.detect.predict import predict, read_series
 from spinedet.detect.view import store, studies_to_open
+from test_dicomweb import free_port
 from test_predict import CLASSES, CONFIG, META, annotated_studies, replay_truth
 
 pytestmark = pytest.mark.slow
@@ -45,12 +45,6 @@ VIEWPORT = {"width": 1600, "height": 1000}
 LOAD_TIMEOUT_MS = 120_000
 HYDRATE_TIMEOUT_S = 30
 HYDRATE_PROMPT = "Do you want to continue tracking measurements for this study?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def artifact_dir(tmp_path: Path) -> Path:

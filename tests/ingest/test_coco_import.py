@@ -12,13 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from dicom_study import CONFIG, export_argv, run_dicom_study
 from spinedet import SpinedetError, cli
-from spinedet.demo.synthesize import synthesize
 from spinedet.ingest.annotations.coco import read_coco, read_manifest, slice_key
 from spinedet.io import read_csv
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = ["--config", str(REPO / "config.yaml"), '{"demo": {"enabled": false}}']  # a real export
 CLASSES = ["disc_herniation", "cord_injury"]
 COORDINATES = ("x_min", "y_min", "x_max", "y_max")
 
@@ -27,40 +26,17 @@ COORDINATES = ("x_min", "y_min", "x_max", "y_max")
 def study(tmp_path_factory) -> SimpleNamespace:
     """A tiny export (3 patients, half Enhanced MR) through inventory ... slices and the export for
     annotation, by the CLI; the export's COCO and manifest copied to restricted/labels/ as a user does."""
-    root = tmp_path_factory.mktemp("coco_study")
-    export, results, restricted = root / "export", root / "results", root / "restricted"
-    synthesize(export, patients=3, matrix=64, seed=8, enhanced_fraction=0.5)
-    inventory = restricted / "inventory"
-    deid = results / "deid"
-    for argv in (
-        ["inventory", *CONFIG, "--raw", str(export / "DICOM"), "--cohort", str(export / "cohort.csv"),
-         "--out", str(inventory), "--summary", str(results / "inventory" / "summary.json")],
-        ["annotations", *CONFIG, "--files", str(inventory / "files.csv"), "--cohort", str(export / "cohort.csv"),
-         "--sheet", str(export / "annotations.csv"), "--out", str(restricted / "annotations"),
-         "--summary", str(results / "annotations" / "summary.json")],
-        ["convert", *CONFIG, "--series", str(inventory / "series.csv"), "--selection",
-         str(inventory / "selection.csv"), "--out", str(restricted / "convert")],
-        ["deidentify", *CONFIG, "--conversions", str(restricted / "convert" / "conversions.csv"),
-         "--files", str(inventory / "files.csv"), "--selection", str(inventory / "selection.csv"),
-         "--annotations", str(restricted / "annotations" / "annotations.csv"), "--restricted", str(restricted),
-         "--out", str(deid)],
-        ["slices", *CONFIG, "--participants", str(deid / "participants.csv"), "--out", str(results / "slices")],
-        ["export-for-annotation", *CONFIG, "--participants", str(deid / "participants.csv"),
-         "--slices", str(results / "slices"), "--pseudonyms", str(restricted / "pseudonyms.csv"),
-         "--conversions", str(restricted / "convert" / "conversions.csv"), "--files", str(inventory / "files.csv"),
-         "--images", str(results / "annotation_export" / "images"),
-         "--coco", str(results / "annotation_export" / "coco.json"),
-         "--manifest", str(restricted / "annotation_export" / "manifest.csv")],
-    ):  # fmt: skip
-        assert cli.main(argv) == 0, argv[0]
-    labels = restricted / "labels"
+    study = run_dicom_study(tmp_path_factory.mktemp("coco_study"))
+    exported = study.restricted / "annotation_export"
+    assert cli.main(export_argv(study, exported)) == 0
+    labels = study.restricted / "labels"
     labels.mkdir()
-    shutil.copy(results / "annotation_export" / "coco.json", labels / "coco.json")
-    shutil.copy(restricted / "annotation_export" / "manifest.csv", labels / "manifest.csv")
-    file_rows = read_csv(inventory / "files.csv")
+    shutil.copy(exported / "coco.json", labels / "coco.json")
+    shutil.copy(exported / "manifest.csv", labels / "manifest.csv")
+    file_rows = read_csv(study.inventory / "files.csv")
     return SimpleNamespace(
-        root=root, export=export, inventory=inventory, labels=labels,
-        table=read_csv(restricted / "annotations" / "annotations.csv"),
+        root=study.root, export=study.export, inventory=study.inventory, labels=labels,
+        table=read_csv(study.restricted / "annotations" / "annotations.csv"),
         coco=json.loads((labels / "coco.json").read_text()),
         manifest=read_manifest(labels / "manifest.csv"),
         instances={row["sop_instance_uid"]: row for row in file_rows if row["kind"] == "image"},
