@@ -59,7 +59,7 @@ def smoke_study(tmp_path_factory) -> Path:
 
 def copy_or_link_weights(source: str, target: str) -> None:
     """Weights (*.pt, written by rename and only ever replaced) are hard links: a copy of the
-    study costs 30 MB of disk, not 1.1 GB."""
+    study costs about 40 MB of disk, not 1.2 GB."""
     if source.endswith(".pt"):
         os.link(source, target)
     else:
